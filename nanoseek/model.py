@@ -1,0 +1,948 @@
+"""DeepSeek-V3 (and V2) in one file, read top to bottom.
+
+ModelConfig -> RMSNorm / YaRN RoPE -> MLA -> MLP -> Router -> Experts -> MoE -> Block -> MTP -> Transformer.
+
+References: DeepSeek-V2 report (arXiv 2405.04434) for MLA, DeepSeek-V3 report (arXiv 2412.19437) for the
+aux-loss-free router, the sequence-wise balance loss and multi-token prediction. Parameter names follow the
+official HF checkpoints (`q_a_proj`, `kv_a_proj_with_mqa`, ...) so that `nanoseek.weights` maps keys almost 1:1;
+the only structural difference is that routed experts are stored stacked (E, out, in) for grouped matmuls.
+Where DeepSeek's inference code and transformers differ, transformers' behaviour on the same config.json is
+followed (see docs/architecture.md, "Deviations").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters, named like the official HF `config.json` so the JSON maps 1:1 onto this dataclass."""
+
+    model_type: str = "deepseek_v3"  # deepseek_v3 | deepseek_v2
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense FFN of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 2048  # one fine-grained expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # MLA (V2 report section 2.1): q_lora_rank None means a plain q projection (V2-Lite)
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE (V3 report section 2.1.2)
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    first_k_dense_replace: int = 3
+    scoring_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
+    topk_method: str = "noaux_tc"  # noaux_tc (V3, bias-corrected) | greedy | group_limited_greedy (V2)
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 eq. 17-20); 0 disables it
+    # multi-token prediction (V3 report section 2.2)
+    num_nextn_predict_layers: int = 1
+    # positions
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
+    )
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                errors.append(msg)
+
+        need(self.model_type in ("deepseek_v3", "deepseek_v2"),
+             f"model_type {self.model_type!r} is not supported (accepted: 'deepseek_v3', 'deepseek_v2')")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+            need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or null")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace must be in [0, num_hidden_layers], got {self.first_k_dense_replace}")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(self.scoring_func in ("sigmoid", "softmax"),
+             f"scoring_func {self.scoring_func!r} is not supported (accepted: 'sigmoid', 'softmax')")
+        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+             f"topk_method {self.topk_method!r} is not supported "
+             "(accepted: 'noaux_tc', 'greedy', 'group_limited_greedy')")
+        if self.has_moe:
+            need(self.n_routed_experts > 0, "n_routed_experts must be positive when MoE layers exist")
+            need(0 < self.num_experts_per_tok <= max(self.n_routed_experts, 1),
+                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, n_routed_experts]")
+            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            need(1 <= self.topk_group <= self.n_group,
+                 f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+            if self.topk_method == "noaux_tc":
+                need(self.n_routed_experts // self.n_group >= 2,
+                     "noaux_tc routing scores a group by its top-2 experts: need >= 2 experts per group")
+                per_group = self.n_routed_experts // max(self.n_group, 1)
+                need(self.topk_group * per_group >= self.num_experts_per_tok,
+                     "topk_group groups must hold at least num_experts_per_tok experts")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind in ("yarn", "default", None),
+                 f"rope_scaling type {kind!r} is not supported (accepted: 'yarn')")
+        if errors:
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    # derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_moe(self) -> bool:
+        return self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """MTP modules use indices num_hidden_layers.. and follow the same rule, as in the official checkpoint."""
+        return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def yarn(self) -> dict[str, Any] | None:
+        rs = self.rope_scaling
+        if rs is None or rs.get("type", rs.get("rope_type")) in (None, "default"):
+            return None
+        return rs
+
+    # serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
+                     for k in unknown]
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(hints)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides) if overrides else replace(PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, src: dict[str, Any] | str | Path) -> ModelConfig:
+        """Read an HF `config.json` (dict, file or model directory) of DeepseekV3/DeepseekV2ForCausalLM.
+
+        Accepts both the official `rope_theta` + `rope_scaling` keys and the `rope_parameters` dict that
+        transformers 5 writes.
+        """
+        if not isinstance(src, dict):
+            p = Path(src)
+            p = p / "config.json" if p.is_dir() else p
+            if not p.exists():
+                raise FileNotFoundError(f"no config.json at {p}")
+            src = json.loads(p.read_text())
+        hf = dict(src)
+        mt = hf.get("model_type")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"unsupported model_type {mt!r} in config.json (supported: deepseek_v3, deepseek_v2)")
+        if hf.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1, as in V2/V3)")
+        nkv = hf.get("num_key_value_heads")
+        if nkv is not None and nkv != hf["num_attention_heads"]:
+            raise ValueError(f"num_key_value_heads ({nkv}) must equal num_attention_heads for MLA")
+        # RoPE: official form (rope_theta + rope_scaling) or transformers 5 (rope_parameters)
+        rope_theta = hf.get("rope_theta")
+        rope_scaling = hf.get("rope_scaling")
+        rp = hf.get("rope_parameters")
+        if rp:
+            rp = dict(rp)
+            rope_theta = rp.pop("rope_theta", rope_theta)
+            kind = rp.pop("rope_type", rp.pop("type", "default"))
+            rp.pop("partial_rotary_factor", None)
+            rope_scaling = None if kind == "default" else {"type": kind, **rp}
+        elif rope_scaling:
+            rope_scaling = dict(rope_scaling)
+            if "rope_type" in rope_scaling and "type" not in rope_scaling:
+                rope_scaling["type"] = rope_scaling.pop("rope_type")
+        v2 = mt == "deepseek_v2"
+        defaults = cls()
+        out: dict[str, Any] = {"model_type": mt, "rope_theta": float(rope_theta or 10000.0),
+                               "rope_scaling": rope_scaling}
+        for f in fields(cls):
+            if f.name in out or f.name not in hf or hf[f.name] is None and f.name != "q_lora_rank":
+                continue
+            out[f.name] = hf[f.name]
+        if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+            out["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+        if v2:
+            out.setdefault("scoring_func", "softmax")
+            out.setdefault("topk_method", "greedy")
+            out.setdefault("num_nextn_predict_layers", 0)
+            out["norm_topk_prob"] = False  # transformers' V2 router never renormalises (DeepSeek's V2 code: optional)
+            out.setdefault("rope_interleave", True)  # V2 always rotates interleaved pairs
+            out.setdefault("aux_loss_alpha", 0.0)
+            out.setdefault("first_k_dense_replace", 0)
+        else:
+            out["scoring_func"] = "sigmoid"  # transformers' V3 router is sigmoid-only
+            out["topk_method"] = "noaux_tc"
+            out.setdefault("num_nextn_predict_layers", 0)
+        if out.get("topk_method") == "greedy" or not hf.get("n_group"):
+            out["n_group"], out["topk_group"] = 1, 1
+        if "q_lora_rank" in hf:
+            out["q_lora_rank"] = hf["q_lora_rank"]
+        if "max_position_embeddings" not in out:
+            out["max_position_embeddings"] = defaults.max_position_embeddings
+        return cls(**out)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The official config.json form (`rope_theta` + `rope_scaling`), readable by transformers 4 and 5."""
+        v3 = self.model_type == "deepseek_v3"
+        d: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            "model_type": self.model_type,
+            "num_key_value_heads": self.num_attention_heads,
+            "hidden_act": "silu",
+            "moe_layer_freq": 1,
+            "use_cache": True,
+            "attention_dropout": 0.0,
+            "pretraining_tp": 1,
+        }
+        for f in fields(self):
+            d[f.name] = getattr(self, f.name)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.yarn else None
+        d["seq_aux"] = True
+        if v3:
+            d["ep_size"] = 1
+        else:
+            d.pop("num_nextn_predict_layers")
+            d.pop("rope_interleave")
+            if self.num_nextn_predict_layers:
+                raise ValueError("DeepSeek-V2 checkpoints have no MTP modules; set num_nextn_predict_layers=0")
+        return d
+
+
+def _preset_small_moe(**kw: Any) -> ModelConfig:
+    base = dict(
+        model_type="deepseek_v3", q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc",
+        norm_topk_prob=True, routed_scaling_factor=2.5, aux_loss_alpha=0.0001, num_nextn_predict_layers=1,
+        rope_theta=10000.0, rope_scaling=None, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~1M parameters: for tests. Every feature on (q_lora, group routing, YaRN, MTP) so tests exercise them.
+    "tiny": _preset_small_moe(
+        vocab_size=512, hidden_size=64, intermediate_size=192, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, max_position_embeddings=1024,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    # ~20M parameters (~6M activated): trainable on a 2-core CPU in minutes.
+    "small": _preset_small_moe(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
+        max_position_embeddings=2048,
+    ),
+    # official hyper-parameters (HF config.json of deepseek-ai/DeepSeek-V2-Lite, -V2, -V3; R1 shares V3's)
+    "deepseek-v2-lite": ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1,
+        scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, aux_loss_alpha=0.001, num_nextn_predict_layers=0,
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+    "deepseek-v2": ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536,
+        n_shared_experts=2, n_routed_experts=160, num_experts_per_tok=6, first_k_dense_replace=1,
+        scoring_func="softmax", topk_method="group_limited_greedy", n_group=8, topk_group=3,
+        norm_topk_prob=False, routed_scaling_factor=16.0, aux_loss_alpha=0.001, num_nextn_predict_layers=0,
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+    "deepseek-v3": ModelConfig(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norm and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the activation dtype; weight applied after casting back (as transformers)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the decoupled RoPE key (qk_rope_head_dim) and the cos/sin attention factor.
+
+    YaRN (Peng et al. 2023, eq. 19-20 / DeepSeek-V2 appendix): dims that rotate fewer than `beta_slow` times over
+    the original context are interpolated by `factor`, those faster than `beta_fast` are kept, with a linear ramp
+    between. Applied whenever rope_scaling says yarn (transformers' rule; DeepSeek's code only when the run's
+    max_seq_len exceeds the original context).
+    """
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.yarn
+    if rs is None:
+        return inv_freq, 1.0
+    orig = rs["original_max_position_embeddings"]
+    factor = rs.get("factor") or cfg.max_position_embeddings / orig
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attn_factor = rs.get("attention_factor")
+    if attn_factor is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attn_factor = yarn_get_mscale(factor, m) / yarn_get_mscale(factor, m_all) if m and m_all \
+            else yarn_get_mscale(factor)
+    return inv_freq, float(attn_factor)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    # YaRN's "mscale" correction of the softmax temperature (V2 report appendix; transformers: mscale_all_dim)
+    scale = cfg.qk_head_dim**-0.5
+    rs = cfg.yarn
+    if rs is not None and rs.get("mscale_all_dim"):
+        m = yarn_get_mscale(rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"],
+                            rs["mscale_all_dim"])
+        scale = scale * m * m
+    return scale
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attn_factor = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = cfg.rope_interleave
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, R/2)
+        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x (B, T, H, R). Interleaved: pairs (x0, x1), (x2, x3)... as DeepSeek's complex-number code.
+
+    The output is laid out [rotated evens, rotated odds] (as transformers does): q and k share the permutation,
+    so q.k is unchanged, and the cache only ever holds already-rotated keys.
+    """
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x1f, x2f = x1.float(), x2.float()
+    return torch.cat([x1f * c - x2f * s, x2f * c + x1f * s], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-head Latent Attention (V2 report section 2.1)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads, self.nope, self.rope, self.v_dim = h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:  # eq. 12-13: low-rank query compression reduces activation memory in training
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        # eq. 9 + 14: one down-projection gives the KV latent c_kv and the decoupled RoPE key shared by all heads
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        # eq. 10-11: up-projections W_UK, W_UV stacked per head as (H * (nope + v), kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        self.scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.cfg.rope_interleave)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, C)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.cfg.rope_interleave).squeeze(2)  # (B, T, R)
+
+        if cache is not None:
+            c_kv, k_pe = cache.write(layer_idx, c_kv, k_pe)  # (B, S, C), (B, S, R): everything visible so far
+            if cache.use_absorbed(T):
+                return self.o_proj(self._absorbed(q_nope, q_pe, c_kv, k_pe, mask).flatten(2))
+
+        # decompressed path (training and prefill): materialise per-head keys/values, use fused SDPA
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, hs)
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention in latent space (V2 report section 2.1.3): W_UK is absorbed into the query and W_UV into the
+        output, so keys/values are never materialised and the cache holds only c_kv + k_pe per token."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, nope, C), (H, v, C)
+        q_c = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = (torch.einsum("bthc,bsc->bhts", q_c, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        o_c = torch.einsum("bhts,bsc->bthc", p, c_kv)
+        return torch.einsum("bthc,hvc->bthv", o_c, w_uv)  # (B, T, H, v)
+
+
+class KVCache:
+    """The absorbed-MLA cache: per layer and token only c_kv (kv_lora_rank) and the rotated k_pe (qk_rope_head_dim).
+
+    Rows are independent sequences that may have different lengths (continuous batching): new tokens of row b go
+    to slots lengths[b]..; `valid` marks real (non-padding) slots. Preallocated: (layers, B, max_len, C + R).
+    The main model and the MTP modules (speculative decoding) keep separate caches: `mtp=True` allocates the
+    layers num_hidden_layers.. of the MTP modules, whose sequences run one token behind the main model's.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, absorb: bool | None = None, mtp: bool = False):
+        n_layers = cfg.num_nextn_predict_layers if mtp else cfg.num_hidden_layers
+        self.layer_offset = cfg.num_hidden_layers if mtp else 0
+        self.max_len, self.batch_size = max_len, batch_size
+        self.c_kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.k_pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots used per row
+        self.absorb = absorb  # None: absorbed for decode steps (T == 1), decompressed SDPA for prefill chunks
+        self._slots: torch.Tensor | None = None
+        self._end = 0
+
+    def use_absorbed(self, T: int) -> bool:
+        return self.absorb if self.absorb is not None else T == 1
+
+    def next_positions(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """RoPE positions of T new tokens: count of real tokens before them (left padding gets position 0)."""
+        seen = self.valid.sum(dim=1, keepdim=True)  # (B, 1)
+        if attention_mask is None:
+            return seen + torch.arange(T, device=seen.device)
+        return seen + (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def begin(self, T: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Reserve slots for T new tokens per row; returns the bool attention mask (B, 1, T, S)."""
+        end = int(self.lengths.max()) + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens needed, max_len={self.max_len}")
+        ar = torch.arange(T, device=self.lengths.device)
+        self._slots = self.lengths[:, None] + ar  # (B, T)
+        new_valid = torch.ones_like(self._slots, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self.valid.scatter_(1, self._slots, new_valid)
+        self._end = end
+        key_pos = torch.arange(end, device=self.lengths.device)
+        mask = (key_pos[None, None, :] <= self._slots[:, :, None]) & self.valid[:, None, :end]  # (B, T, S)
+        mask |= key_pos[None, None, :] == self._slots[:, :, None]  # a padding query sees itself: no NaN rows
+        return mask[:, None]
+
+    def write(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._slots is not None, "KVCache.begin() must be called before write()"
+        b = torch.arange(self.batch_size, device=c_kv.device)[:, None]
+        layer -= self.layer_offset
+        self.c_kv[layer, b, self._slots] = c_kv.to(self.c_kv.dtype)
+        self.k_pe[layer, b, self._slots] = k_pe.to(self.k_pe.dtype)
+        return self.c_kv[layer, :, : self._end], self.k_pe[layer, :, : self._end]
+
+    def commit(self) -> None:
+        assert self._slots is not None
+        self.lengths = self._slots[:, -1] + 1
+        self._slots = None
+
+    def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Free rows for new requests (continuous batching)."""
+        self.lengths[rows] = 0
+        self.valid[rows] = False
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token across all layers: (kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
+        n_layers = self.c_kv.shape[0]
+        return n_layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.element_size()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP and DeepSeekMoE (V3 report section 2.1.2)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Router(nn.Module):
+    """Scores, selects and weights experts for each token (saved as `mlp.gate` in HF checkpoints)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # V3 eq. 16: b_i is added for top-k selection only. Kept fp32 whatever the model dtype (_apply below):
+            # 1e-3 updates vanish in bf16.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+        # tokens routed to each expert since the last bias update (not saved)
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # keep the bias and load counters in fp32 through .to(bf16) / .half()
+        bias, load = self.e_score_correction_bias, self.expert_load
+        super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
+        if self.expert_load.dtype != torch.float32:
+            self.expert_load = load.to(device=self.expert_load.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, K) fp32, expert indices (N, K), scores (N, E) fp32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as DeepSeek and transformers do
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            # node-limited routing (V3 section 2.1.2 / V2 "device-limited"): keep the topk_group best groups,
+            # a group scored by its top-2 biased scores (V3) or its best expert (V2)
+            g = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_score = g.topk(2, dim=-1).values.sum(-1) if cfg.topk_method == "noaux_tc" else g.amax(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = g.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(1, idx)  # V3 eq. 13: gating values come from the unbiased scores
+        if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * cfg.routed_scaling_factor, idx, scores
+
+
+class Experts(nn.Module):
+    """Fine-grained routed experts stored stacked, (E, out, in), and run as one grouped matmul per projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.use_grouped_mm = hasattr(torch, "_grouped_mm")
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        N, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        xs = x[token]  # (N*K, D) gathered, sorted by expert
+        if self.use_grouped_mm and self._grouped_ok(xs):
+            offs = counts.cumsum(0).to(torch.int32)
+            gmm = torch._grouped_mm
+            h = F.silu(gmm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * gmm(xs, self.up_proj.transpose(1, 2),
+                                                                                   offs=offs)
+            ys = gmm(h, self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            ys = self._loop(xs, counts)
+        ys = ys * w.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def _grouped_ok(self, xs: torch.Tensor) -> bool:
+        # CUDA grouped GEMM wants bf16 and 16-byte aligned rows; CPU accepts any float dtype
+        return xs.device.type == "cpu" or (xs.dtype == torch.bfloat16 and self.gate_proj.dtype == torch.bfloat16)
+
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference path: one matmul per expert that received tokens (no per-token loop)."""
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                xe = xs[start: start + n]
+                outs.append((F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)) @ self.down_proj[e].T)
+            start += n
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.down_proj.shape[1])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor, want_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        w, idx, scores = self.gate(flat)
+        with torch.no_grad():  # expert load for the aux-loss-free bias update and MaxVio reporting
+            self.gate.expert_load += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).float()
+        y = self.experts(flat, idx, w).view(B, T, D)  # V3 eq. 12: h' = u + sum shared + sum g_i routed_i
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        balance = self._balance_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if want_balance else None
+        return y, balance
+
+    def _balance_loss(self, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Complementary sequence-wise balance loss, V3 eq. 17-20 (unweighted: alpha is applied by the caller)."""
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        T = idx.shape[1]
+        hits = torch.zeros(idx.shape[0], E, device=idx.device).scatter_add_(
+            1, idx.flatten(1), torch.ones(idx.shape[0], T * K, device=idx.device))
+        f = hits * E / (K * T)  # eq. 18
+        p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)  # eq. 19-20: normalised affinities
+        return (f * p).sum(-1).mean()  # eq. 17, averaged over sequences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer block, multi-token prediction module, full model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, want_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, self.layer_idx)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, balance = self.mlp(h, want_balance)
+            return x + y, balance
+        return x + self.mlp(h), None
+
+
+class MTPModule(Block):
+    """One multi-token-prediction depth (V3 eq. 21-23): h'_i = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],
+    then one transformer block; embedding and output head are shared with the main model.
+
+    The concatenation puts the embedding first (`enorm`, then `hnorm`), as the official weights expect.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward_mtp(self, h_prev: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    mask: torch.Tensor | None, cache: KVCache | None = None,
+                    want_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (hidden for the next depth, normed hidden for the shared head, balance loss)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        x, balance = self.forward(x, rope, mask, cache, want_balance)
+        return x, self.shared_head.norm(x), balance
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3/V2 causal LM. `model(input_ids)` -> logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList([MTPModule(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.rotary = Rotary(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every weight initialised here: N(0, initializer_range) for matrices, ones for norms, zero bias."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        for m in self.modules():
+            if isinstance(m, Router) and m.e_score_correction_bias is not None and not m.expert_load.is_meta:
+                m.e_score_correction_bias.zero_()
+                m.expert_load.zero_()
+
+    # ---- masks and positions -----------------------------------------------------------------------------------
+    @staticmethod
+    def _mask(T: int, attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
+              device: torch.device) -> torch.Tensor | None:
+        """Bool (B, 1, T, T) mask: causal, within the same document, to non-padding keys. None = plain causal."""
+        if attention_mask is None and document_ids is None:
+            return None
+        ar = torch.arange(T, device=device)
+        mask = (ar[None, :] <= ar[:, None])[None]  # (1, T, T)
+        if document_ids is not None:
+            mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]  # padding queries see themselves
+        return mask[:, None]
+
+    @staticmethod
+    def _positions(T: int, attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+        if document_ids is not None:  # restart at every document boundary of a packed row
+            start = torch.ones_like(document_ids, dtype=torch.bool)
+            start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+            idx = torch.arange(T, device=device).expand_as(document_ids)
+            first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+            return idx - first
+        if attention_mask is not None:  # left padding: first real token at position 0
+            return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return torch.arange(T, device=device)[None]
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B, T) -> logits (B, T, vocab); with return_hidden, (logits, final normed hidden (B, T, D)).
+
+        attention_mask (B, T): 1 for real tokens, 0 for (left) padding. document_ids (B, T): packed rows, tokens
+        attend only within their document. cache: a KVCache, filled with these tokens (incremental decoding).
+        """
+        h, _ = self.trunk(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          document_ids=document_ids, cache=cache)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    def trunk(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+              cache: KVCache | None = None, want_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main model without the head: (final normed hidden, summed balance loss or None)."""
+        B, T = input_ids.shape
+        if cache is not None:
+            if position_ids is None:
+                position_ids = cache.next_positions(attention_mask, T)
+            mask = cache.begin(T, attention_mask)
+        else:
+            if position_ids is None:
+                position_ids = self._positions(T, attention_mask, document_ids, input_ids.device)
+            mask = self._mask(T, attention_mask, document_ids, input_ids.device)
+        rope = self.rotary(position_ids.expand(B, T))
+        x = self.embed_tokens(input_ids)
+        balance = None
+        for layer in self.layers:
+            x, bal = layer(x, rope, mask, cache, want_balance)
+            if bal is not None:
+                balance = bal if balance is None else balance + bal
+        if cache is not None:
+            cache.commit()
+        return self.norm(x), balance
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, *, mtp_lambda: float = 0.3,
+             balance_alpha: float | None = None, position_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+        """All training losses from one forward pass.
+
+        targets (B, T) are the next tokens (targets[:, t] = input_ids[:, t+1]), -100 = ignored (prompt, padding).
+        MTP depth k predicts targets[:, t+k] from position t (V3 eq. 24-25): loss = main + mtp_lambda / D * sum_k
+        L_k + balance_alpha * sum over MoE layers of the sequence-wise balance loss (V3 eq. 17).
+        Returns {"loss", "main", "mtp" (mean over depths, unweighted), "balance" (unweighted)}.
+        """
+        alpha = self.config.aux_loss_alpha if balance_alpha is None else balance_alpha
+        want_balance = alpha > 0
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = self._positions(T, attention_mask, document_ids, input_ids.device).expand(B, T)
+        h, balance = self.trunk(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                document_ids=document_ids, want_balance=want_balance)
+        main = _ce(self.lm_head(h), targets)
+        out = {"main": main}
+        total = main
+        if self.mtp and mtp_lambda > 0:
+            mtp_losses = []
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k < 1:
+                    break
+                n = T - k
+                am = attention_mask[:, :n] if attention_mask is not None else None
+                di = document_ids[:, :n] if document_ids is not None else None
+                rope = self.rotary(position_ids[:, :n])
+                mask = self._mask(n, am, di, input_ids.device)
+                h, hn, bal = module.forward_mtp(h[:, :n], self.embed_tokens(input_ids[:, k:]), rope, mask,
+                                                want_balance=want_balance)
+                mtp_losses.append(_ce(self.lm_head(hn), targets[:, k:]))
+                if bal is not None:
+                    balance = bal if balance is None else balance + bal
+            if mtp_losses:
+                out["mtp"] = torch.stack(mtp_losses).mean()
+                total = total + mtp_lambda * out["mtp"]
+        if want_balance and balance is not None:
+            out["balance"] = balance
+            total = total + alpha * balance
+        out["loss"] = total
+        return out
+
+    def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor,
+                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP depth k (1-based) for speculative drafting: (logits of token i+k+1, hidden for depth k+1)."""
+        module = self.mtp[k - 1]
+        T = next_ids.shape[1]
+        mask = cache.begin(T, attention_mask) if cache is not None else \
+            self._mask(T, attention_mask, None, next_ids.device)
+        h, hn, _ = module.forward_mtp(h_prev, self.embed_tokens(next_ids), self.rotary(position_ids), mask, cache)
+        if cache is not None:
+            cache.commit()
+        return self.lm_head(hn), h
+
+    # ---- router statistics and the aux-loss-free bias update (V3 eq. 16 and section 2.1.2) -------------------------
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    @torch.no_grad()
+    def expert_load(self, sync: bool = True) -> torch.Tensor:
+        """(n_moe_layers, E) tokens routed per expert since the last update, summed over data-parallel ranks."""
+        routers = self.routers()
+        if not routers:
+            return torch.zeros(0, 0)
+        load = torch.stack([r.expert_load for r in routers])
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        return load
+
+    @staticmethod
+    def max_violation(load: torch.Tensor) -> torch.Tensor:
+        """MaxVio per layer (Wang et al. 2024, used in the V3 report): max_i load_i / mean load - 1."""
+        mean = load.mean(dim=-1).clamp(min=1e-9)
+        return load.amax(dim=-1) / mean - 1
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float, sync: bool = True) -> torch.Tensor:
+        """b_i += gamma * sign(mean load - load_i) per MoE layer, then reset the counters. Returns MaxVio per layer.
+
+        Call once per optimizer step on every rank: loads are all-reduced so all replicas keep identical biases.
+        """
+        load = self.expert_load(sync)
+        if load.numel() == 0:
+            return load
+        for r, l in zip(self.routers(), load):
+            if r.e_score_correction_bias is not None and gamma > 0 and l.sum() > 0:
+                r.e_score_correction_bias += gamma * torch.sign(l.mean() - l)
+            r.expert_load.zero_()
+        return self.max_violation(load)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write an HF-format directory (see nanoseek.weights.save_pretrained); I/O lives outside this file."""
+        from .weights import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def build(cfg: ModelConfig | str, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> Transformer:
+    """Build a model from a config or preset name. device='meta' gives a shape-only model (accounting)."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig.from_preset(cfg)
+    with torch.device(device or "cpu"):
+        model = Transformer(cfg)
+    return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,332 @@
+"""HF-format model directories: load and save DeepSeek-V3/V2 checkpoints, key mapping, FP8 dequantisation.
+
+Directory layout (docs/architecture.md): `config.json` (official keys; nanoseek's own extras under the
+`"nanoseek"` key, which transformers ignores), `model.safetensors` or shards + `model.safetensors.index.json`,
+`generation_config.json`, and the tokenizer files when a tokenizer is saved alongside. Never unpickles.
+
+Key mapping (nanoseek -> HF), the only non-identity parts:
+  embed_tokens / layers / norm       -> model.embed_tokens / model.layers / model.norm
+  layers.i.mlp.experts.{gate,up,down}_proj (E, out, in)  <->  model.layers.i.mlp.experts.{e}.{...}.weight
+  mtp.k.*                            -> model.layers.{num_hidden_layers + k}.*   (official V3 MTP layout)
+  + model.layers.{L+k}.embed_tokens.weight and .shared_head.head.weight: copies of the shared embedding/head that
+    the official files carry; written on save, ignored on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer
+
+log = logging.getLogger(__name__)
+
+FP8_BLOCK = 128  # official V3 checkpoints: one fp32 scale per 128x128 weight block
+_EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+_HF_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not match what nanoseek expects; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# key mapping
+
+
+def _to_hf_prefix(name: str, n_layers: int) -> str:
+    if name.startswith("mtp."):
+        k, rest = name[4:].split(".", 1)
+        return f"model.layers.{n_layers + int(k)}.{rest}"
+    if name.startswith("lm_head."):
+        return name
+    return "model." + name
+
+
+def _from_hf_prefix(name: str, n_layers: int) -> str | None:
+    """HF key -> nanoseek key (experts still per-expert); None for keys to skip (MTP copies)."""
+    if name.startswith("lm_head."):
+        return name
+    if not name.startswith("model."):
+        return name  # unknown: reported as unexpected by the caller
+    name = name[6:]
+    m = re.match(r"^layers\.(\d+)\.(.*)$", name)
+    if m and int(m.group(1)) >= n_layers:
+        k, rest = int(m.group(1)) - n_layers, m.group(2)
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None  # duplicated shared embedding/head in official files
+        return f"mtp.{k}.{rest}"
+    return name
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under official HF key names, experts split per expert, MTP at layer L+k."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        m = _EXPERT_RE.match(name.removesuffix(".weight"))
+        if m:
+            base = _to_hf_prefix(m.group(1) + ".x", L)[:-2]
+            for e in range(t.shape[0]):
+                out[f"{base}.mlp.experts.{e}.{m.group(2)}.weight"] = t[e].contiguous()
+            continue
+        out[_to_hf_prefix(name, L)] = t.contiguous()
+    for k in range(cfg.num_nextn_predict_layers):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = model.embed_tokens.weight.detach().clone()
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"missing shard file(s) listed in {index.name}: {', '.join(missing)}")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {', '.join(bins)}: pickle files are never loaded; convert them to safetensors)" if bins else ""
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in _shard_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield k, fh.get_tensor(k)
+
+
+def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Official V3/R1 weights: float8_e4m3fn values x one fp32 scale per 128x128 block (`weight_scale_inv`)."""
+    rows, cols = weight.shape
+    br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    if tuple(scale_inv.shape) != (br, bc):
+        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {(br, bc)} for a "
+                              f"{rows}x{cols} weight with {FP8_BLOCK}x{FP8_BLOCK} blocks")
+    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return (weight.float() * s).to(dtype)
+
+
+def read_hf_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint with FP8 weights dequantised (scales consumed)."""
+    raw = dict(iter_tensors(path))
+    out: dict[str, torch.Tensor] = {}
+    for k, t in raw.items():
+        if k.endswith(".weight_scale_inv"):
+            if k.removesuffix("_scale_inv") not in raw:
+                raise CheckpointError(f"{k} has no matching weight tensor")
+            continue
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = raw.get(k + "_scale_inv")
+            if scale is None:
+                raise CheckpointError(f"{k} is stored as {t.dtype} but has no {k}_scale_inv block scales")
+            t = dequant_fp8(t, scale, dtype or torch.bfloat16)
+        out[k] = t
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF tensors -> nanoseek state dict (experts stacked). Returns (state dict, unexpected HF keys)."""
+    L = cfg.num_hidden_layers
+    sd: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    unexpected = []
+    for k, t in hf.items():
+        m = _HF_EXPERT_RE.match(k)
+        if m:
+            base = _from_hf_prefix(m.group(1) + ".x", L)
+            if base is None:
+                continue
+            experts.setdefault((base[:-2], m.group(3)), {})[int(m.group(2))] = t
+            continue
+        if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            # transformers 5 in-memory layout (E, 2I, D) / (E, D, I), should a checkpoint carry it
+            base = _from_hf_prefix(k.rsplit(".", 1)[0] + ".x", L)
+            if base is None:
+                continue
+            if k.endswith("gate_up_proj"):
+                g, u = t.chunk(2, dim=1)
+                sd[f"{base[:-2]}.gate_proj"], sd[f"{base[:-2]}.up_proj"] = g, u
+            else:
+                sd[f"{base[:-2]}.down_proj"] = t
+            continue
+        name = _from_hf_prefix(k, L)
+        if name is None:
+            continue
+        if not (k.startswith("model.") or k.startswith("lm_head.")):
+            unexpected.append(k)
+            continue
+        sd[name] = t
+    for (base, proj), per in experts.items():
+        n = cfg.n_routed_experts
+        missing = [e for e in range(n) if e not in per]
+        if missing:
+            raise CheckpointError(f"missing tensor {_to_hf_prefix(base, L)}.{missing[0]}.{proj}.weight "
+                                  f"({len(missing)} of {n} experts missing for {proj})")
+        sd[f"{base}.{proj}"] = torch.stack([per[e] for e in range(n)])
+    return sd, unexpected
+
+
+def load_state_dict(model: Transformer, sd: dict[str, torch.Tensor], unexpected_hf: list[str] | None = None,
+                    strict_mtp: bool = False) -> None:
+    """Copy `sd` into `model`, naming any missing/unexpected tensor or shape mismatch."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    own = model.state_dict()
+    if cfg.tie_word_embeddings:
+        own.pop("lm_head.weight", None)
+        sd.pop("lm_head.weight", None)
+
+    def hf_name(n: str) -> str:
+        m = _EXPERT_RE.match(n)
+        if not m:
+            return _to_hf_prefix(n, L)
+        return _to_hf_prefix(m.group(1) + ".x", L)[:-2] + f".mlp.experts.*.{m.group(2)}.weight"
+
+    unexpected = sorted((unexpected_hf or []) + [hf_name(k) for k in sd if k not in own])
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) in checkpoint: {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+                              + f" (config: {cfg.num_hidden_layers} layers, "
+                              f"{cfg.num_nextn_predict_layers} MTP module(s))")
+    missing = [k for k in own if k not in sd]
+    mtp_missing = [k for k in missing if k.startswith("mtp.")]
+    other_missing = [k for k in missing if not k.startswith("mtp.")]
+    if other_missing:
+        raise CheckpointError(f"missing tensor(s) in checkpoint: {', '.join(hf_name(k) for k in other_missing[:5])}"
+                              + (f" and {len(other_missing) - 5} more" if len(other_missing) > 5 else ""))
+    if mtp_missing:
+        if strict_mtp or len(mtp_missing) != sum(1 for k in own if k.startswith("mtp.")):
+            raise CheckpointError(f"missing MTP tensor(s): {', '.join(hf_name(k) for k in mtp_missing[:5])}")
+        log.warning("config declares %d MTP module(s) but the checkpoint has no MTP weights "
+                    "(transformers saves them that way): MTP initialised fresh", cfg.num_nextn_predict_layers)
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"shape mismatch for {hf_name(k)}: expected {tuple(own[k].shape)}, "
+                                  f"found {tuple(t.shape)}")
+    with torch.no_grad():
+        for k, t in sd.items():
+            own[k].copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
+    cfg_file = Path(path) / "config.json"
+    return json.loads(cfg_file.read_text()).get("nanoseek", {}) if cfg_file.exists() else {}
+
+
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Load an HF-format DeepseekV3/V2 directory (nanoseek's own or an official checkpoint) as a nanoseek model.
+
+    dtype None keeps the checkpoint's floating dtype (fp32 for nanoseek's own files, bf16 for FP8 checkpoints).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"no config.json in {path}: not an HF model directory")
+    cfg = ModelConfig.from_hf(path / "config.json")
+    hf = read_hf_state_dict(path, dtype)
+    sd, unexpected = from_hf_state_dict(cfg, hf)
+    if dtype is None:
+        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.rotary.__init__(cfg)  # non-persistent buffers are not in the checkpoint: recompute
+    model.to(device)
+    model.init_weights()  # anything not in the checkpoint (fresh MTP) gets a proper init
+    load_state_dict(model, sd, unexpected)
+    return model.to(dtype)
+
+
+def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 5 * 2**30, meta: dict[str, Any] | None = None) -> Path:
+    """Write an HF-format directory that transformers' AutoModelForCausalLM loads; written to a temp directory
+    and renamed into place, so an interrupted save never leaves a half-written model at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and "e_score_correction_bias" not in k
+              else v).detach().cpu().contiguous() for k, v in to_hf_state_dict(model).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        floats = [v.dtype for v in sd.values() if v.is_floating_point()]
+        main_dtype = max(set(floats), key=floats.count)
+        hf_cfg = cfg.to_hf()
+        hf_cfg["torch_dtype"] = str(main_dtype).removeprefix("torch.")
+        from . import __version__
+
+        hf_cfg["nanoseek"] = {"version": __version__, **(meta or {})}
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+               "temperature": 0.6, "top_p": 0.95}  # R1's recommended sampling
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k in sorted(sd):
+            nbytes = sd[k].numel() * sd[k].element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = sd[k]
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if path.exists():  # keep files we do not own (tokenizer, README); replace ours, then drop stale shards
+            ours = {f.name for f in tmp.iterdir()}
+            for f in tmp.iterdir():
+                os.replace(f, path / f.name)
+            for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json"]:
+                if stale.exists() and stale.name not in ours:
+                    stale.unlink()
+            tmp.rmdir()
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    return path
