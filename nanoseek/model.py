@@ -905,8 +905,8 @@ class Transformer(nn.Module):
     @staticmethod
     def max_violation(load: torch.Tensor) -> torch.Tensor:
         """MaxVio per layer (Wang et al. 2024, used in the V3 report): max_i load_i / mean load - 1."""
-        mean = load.mean(dim=-1).clamp(min=1e-9)
-        return load.amax(dim=-1) / mean - 1
+        mean = load.mean(dim=-1)
+        return torch.where(mean > 0, load.amax(dim=-1) / mean.clamp(min=1e-9) - 1, torch.zeros_like(mean))
 
     @torch.no_grad()
     def update_router_bias(self, gamma: float, sync: bool = True) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""Helpers to build transformers' reference models from nanoseek configs (tests only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanoseek import ModelConfig, Transformer
+
+
+def hf_model_from_dir(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+
+
+def random_hf_model(cfg: ModelConfig):
+    """A transformers DeepseekV3/V2ForCausalLM with random weights (incl. a random router bias)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.for_model(**cfg.to_hf())
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.05)
+    return model
+
+
+def randomize_router_bias(model: Transformer, scale: float = 0.05) -> None:
+    with torch.no_grad():
+        for r in model.routers():
+            if r.e_score_correction_bias is not None:
+                r.e_score_correction_bias.copy_(torch.randn_like(r.e_score_correction_bias) * scale)
