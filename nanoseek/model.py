@@ -621,30 +621,37 @@ class Experts(nn.Module):
         token = order // K
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
         xs = x[token]  # (N*K, D) gathered, sorted by expert
+        dt = xs.dtype
+        if torch.is_autocast_enabled(xs.device.type):  # autocast does not cover _grouped_mm: cast by hand
+            dt = torch.get_autocast_dtype(xs.device.type)
+        w_gate, w_up, w_down = (p.to(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        xs = xs.to(dt)
         if self.use_grouped_mm and self._grouped_ok(xs):
             offs = counts.cumsum(0).to(torch.int32)
             gmm = torch._grouped_mm
-            h = F.silu(gmm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * gmm(xs, self.up_proj.transpose(1, 2),
-                                                                                   offs=offs)
-            ys = gmm(h, self.down_proj.transpose(1, 2), offs=offs)
+            h = F.silu(gmm(xs, w_gate.transpose(1, 2), offs=offs)) * gmm(xs, w_up.transpose(1, 2), offs=offs)
+            ys = gmm(h, w_down.transpose(1, 2), offs=offs)
         else:
-            ys = self._loop(xs, counts)
+            ys = self._loop(xs, counts, w_gate, w_up, w_down)
         ys = ys * w.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
-    def _grouped_ok(self, xs: torch.Tensor) -> bool:
-        # CUDA grouped GEMM wants bf16 and 16-byte aligned rows; CPU accepts any float dtype
-        return xs.device.type == "cpu" or (xs.dtype == torch.bfloat16 and self.gate_proj.dtype == torch.bfloat16)
+    @staticmethod
+    def _grouped_ok(xs: torch.Tensor) -> bool:
+        # CUDA grouped GEMM wants bf16 (and 16-byte aligned rows); CPU accepts any float dtype
+        return xs.device.type == "cpu" or xs.dtype == torch.bfloat16
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _loop(xs: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+              w_down: torch.Tensor) -> torch.Tensor:
         """Reference path: one matmul per expert that received tokens (no per-token loop)."""
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
                 xe = xs[start: start + n]
-                outs.append((F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)) @ self.down_proj[e].T)
+                outs.append((F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T)
             start += n
-        return torch.cat(outs) if outs else xs.new_zeros(0, self.down_proj.shape[1])
+        return torch.cat(outs) if outs else xs.new_zeros(0, w_down.shape[1])
 
 
 class MoE(nn.Module):
