@@ -130,7 +130,8 @@ class ModelConfig:
 
     @property
     def has_moe(self) -> bool:
-        return self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers > 0
+        return self.n_routed_experts > 0 and (self.first_k_dense_replace < self.num_hidden_layers
+                                              or self.num_nextn_predict_layers > 0)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """MTP modules use indices num_hidden_layers.. and follow the same rule, as in the official checkpoint."""
@@ -306,7 +307,8 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
-    "deepseek-v3": ModelConfig(),
+    # aux_loss_alpha: the released config.json says 0.001; the V3 report's pretraining used 0.0001
+    "deepseek-v3": ModelConfig(aux_loss_alpha=0.001),
 }
 
 
@@ -937,6 +939,7 @@ class Transformer(nn.Module):
         return save_pretrained(self, path, **kwargs)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
+        """All parameters, MTP modules included (nanoseek.accounting has the per-component/activated counts)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
 
