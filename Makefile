@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/nanoseek demo
 
 test: $(STAMP)
-	$(BIN)/ruff check nanoseek tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

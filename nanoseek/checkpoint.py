@@ -32,53 +32,66 @@ from .weights import from_hf_state_dict, load_state_dict, read_hf_state_dict, sa
 FORMAT_VERSION = 1
 
 
-def _flatten_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def named_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name: {"state": {name: {key: value}}, "param_groups": [...]}, each group
+    listing its parameters by name and the index of the optimizer it belongs to. The same shape as
+    torch.distributed.checkpoint's full optimizer state dict, so FSDP and plain runs share one format."""
     names = {id(p): n for n, p in model.named_parameters()}
-    sd = opt.state_dict()
-    index_to_name: dict[int, str] = {}
-    i = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            index_to_name[i] = names[id(p)]
-            i += 1
+    state: dict[str, dict[str, Any]] = {}
+    groups: list[dict[str, Any]] = []
+    for oi, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        index_to_name = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        for idx, st in sd["state"].items():
+            state[index_to_name[idx]] = st
+        for g in sd["param_groups"]:
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "optimizer": oi,
+                           "params": [index_to_name[j] for j in g["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def load_named_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                               named: dict[str, Any]) -> None:
+    """Inverse of named_optimizer_state for unsharded models."""
+    own = {id(p): n for n, p in model.named_parameters()}
+    for oi, opt in enumerate(optimizers):
+        current = [own[id(p)] for g in opt.param_groups for p in g["params"]]
+        groups = [g for g in named["param_groups"] if g.get("optimizer", 0) == oi]
+        saved = [n for g in groups for n in g["params"]]
+        if saved != current:
+            diff = sorted(set(saved) ^ set(current))[:3]
+            raise ValueError(f"optimizer {oi} in the checkpoint is for different parameters "
+                             f"(e.g. {', '.join(diff) or 'a different order'}): was it saved with another "
+                             "optimizer setting or model config?")
+        pos = {n: i for i, n in enumerate(saved)}
+        state = {pos[n]: named["state"][n] for n in saved if n in named["state"]}
+        pg = [{**{k: v for k, v in g.items() if k != "optimizer"}, "params": [pos[n] for n in g["params"]]}
+              for g in groups]
+        opt.load_state_dict({"state": state, "param_groups": pg})
+
+
+def _flatten_named(named: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        name = index_to_name[idx]
-        for k, v in state.items():
+    for name, st in named["state"].items():
+        for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"{name}/{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(name, {})[k] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-              | {"params": [index_to_name[j] for j in g["params"]]} for g in sd["param_groups"]]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in named["param_groups"]]
     return tensors, {"param_groups": groups, "scalar_state": scalars}
 
 
-def _unflatten_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                         meta: dict) -> None:
-    names = [n for g in meta["param_groups"] for n in g["params"]]
-    own = {id(p): n for n, p in model.named_parameters()}
-    current = [own[id(p)] for g in opt.param_groups for p in g["params"]]
-    if names != current:
-        diff = sorted(set(names) ^ set(current))[:3]
-        raise ValueError(f"optimizer checkpoint is for different parameters (e.g. {', '.join(diff) or 'order'}): "
-                         "was it saved from a different model config?")
-    pos = {n: i for i, n in enumerate(names)}
-    state: dict[int, dict[str, Any]] = {}
+def _unflatten_named(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         name, k = key.rsplit("/", 1)
-        state.setdefault(pos[name], {})[k] = t
+        state.setdefault(name, {})[k] = t
     for name, kv in meta["scalar_state"].items():
-        state.setdefault(pos[name], {}).update(kv)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        g["params"] = [pos[n] for n in g["params"]]
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
+        state.setdefault(name, {}).update(kv)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,24 +113,32 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
         random.setstate((v, tuple(internal), gauss))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer | None = None,
-                    *, scheduler: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write RUN/step_XXXXXXXX atomically, then move RUN/latest to it. Returns the checkpoint directory."""
+def save_checkpoint(run_dir: str | Path, step: int, model: Transformer,
+                    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+                    *, optimizer_state: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
+                    data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    keep_last: int | None = None, tokenizer: str | Path | None = None) -> Path:
+    """Write RUN/step_XXXXXXXX atomically, then move RUN/latest to it. Returns the checkpoint directory.
+
+    `optimizer_state` (a named state, e.g. gathered from FSDP) replaces `optimizer` when given. `tokenizer`: a
+    tokenizer directory whose files are copied in, so every checkpoint is a complete, servable model directory.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = run_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir))
     try:
-        save_pretrained(model, tmp / "model")
+        save_pretrained(model, tmp / "model", tokenizer=tokenizer)
         for f in (tmp / "model").iterdir():
             os.replace(f, tmp / f.name)
         (tmp / "model").rmdir()
         state: dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "scheduler": scheduler or {},
                                  "data": data or {}, "extra": extra or {}}
-        if optimizer is not None:
-            tensors, opt_meta = _flatten_optimizer(model, optimizer)
+        if optimizer is not None and optimizer_state is None:
+            optimizer_state = named_optimizer_state(model, optimizer if isinstance(optimizer, list) else [optimizer])
+        if optimizer_state is not None:
+            tensors, opt_meta = _flatten_named(optimizer_state)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             state["optimizer"] = opt_meta
         rng_t, rng_meta = _rng_state()
@@ -148,10 +169,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpt if (ckpt / "trainer_state.json").exists() else None
 
 
-def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None = None,
+def load_checkpoint(path: str | Path, model: Transformer,
+                    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restore model (and optimizer, RNG) in place from a checkpoint or a run directory (follows `latest`).
-    Returns trainer_state.json's content (step, scheduler, data position, extra)."""
+    Returns trainer_state.json's content (step, scheduler, data position, extra); with the optimizer state under
+    "optimizer_state" (named) when `optimizer` is None but the checkpoint has one (FSDP loads it itself)."""
     path = Path(path)
     if (path / "latest").exists():
         resolved = latest_checkpoint(path)
@@ -170,10 +193,14 @@ def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
                          + ", ".join(f"{k}={a} in the checkpoint vs {b} in the model" for k, (a, b) in diff.items()))
     sd, unexpected = from_hf_state_dict(model.config, read_hf_state_dict(path))
     load_state_dict(model, sd, unexpected, strict_mtp=True)
-    if optimizer is not None:
-        if "optimizer" not in state:
-            raise ValueError(f"checkpoint {path} has no optimizer state")
-        _unflatten_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if "optimizer" in state:
+        named = _unflatten_named(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        if optimizer is None:
+            state["optimizer_state"] = named
+        else:
+            load_named_optimizer_state(model, optimizer if isinstance(optimizer, list) else [optimizer], named)
+    elif optimizer is not None:
+        raise ValueError(f"checkpoint {path} has no optimizer state")
     if restore_rng:
         _set_rng_state(load_file(str(path / "rng.safetensors")), state.get("rng", {}))
     return state

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,10 +273,15 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     return model.to(dtype)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 2**30, meta: dict[str, Any] | None = None) -> Path:
+                    max_shard_bytes: int = 5 * 2**30, meta: dict[str, Any] | None = None,
+                    tokenizer: str | Path | None = None) -> Path:
     """Write an HF-format directory that transformers' AutoModelForCausalLM loads; written to a temp directory
-    and renamed into place, so an interrupted save never leaves a half-written model at `path`."""
+    and renamed into place, so an interrupted save never leaves a half-written model at `path`.
+    `tokenizer`: a tokenizer directory whose files are copied alongside (a complete, servable directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -294,6 +300,12 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype 
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
                "temperature": 0.6, "top_p": 0.95}  # R1's recommended sampling
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            found = [Path(tokenizer) / f for f in TOKENIZER_FILES if (Path(tokenizer) / f).exists()]
+            if not found:
+                raise CheckpointError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer}")
+            for f in found:
+                shutil.copyfile(f, tmp / f.name)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for k in sorted(sd):
