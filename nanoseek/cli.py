@@ -40,10 +40,103 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import NonFiniteLoss, TrainConfig, train
+
+    cfg = TrainConfig.from_sources(args.config, args.overrides, preset=args.preset, out=args.out,
+                                   resume=True if args.resume else None, fsdp=True if args.fsdp else None)
+    try:
+        summary = train(cfg)
+    except NonFiniteLoss as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 3
+    Console().print(f"training {summary['status']} at step {summary['step']}; checkpoints, metrics.jsonl and "
+                    f"loss.png in [bold]{summary['out']}[/]")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(out=args.out, fast=args.fast)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    Console().print(f"trained a {tok.vocab_size}-token byte-level BPE (bos {tok.bos_id}, eos {tok.eos_id}, "
+                    f"pad {tok.pad_id}) -> [bold]{args.out}[/]")
+    return 0
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
+    from .tokenizer import print_stats, tokenizer_stats
+
+    rows = tokenizer_stats(args.tokenizer, args.input)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_stats(rows, Console(), title=f"tokenizer {args.tokenizer}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    m = prepare(args.input, args.tokenizer, args.out, workers=args.workers, sft=args.sft, all_turns=args.all_turns,
+                txt_split=args.txt_split, shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    Console().print(f"{m['num_documents']:,} documents, {m['total_tokens']:,} tokens ({m['dtype']}, "
+                    f"{len(m['shards'])} shard(s){', with loss masks' if m['sft'] else ''}) -> [bold]{args.out}[/]")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .synthetic import synth
+
+    path = synth(args.task, args.n, args.split, args.seed, args.out, args.format)
+    Console().print(f"{args.n} {args.task} items ({args.split}, seed {args.seed}, {args.format}) -> [bold]{path}[/]")
+    return 0
+
+
+def _add_tokenizer_and_data_commands(sub: argparse._SubParsersAction) -> None:
+    tp = sub.add_parser("tokenizer", help="train a byte-level BPE with DeepSeek's special tokens; token statistics")
+    tsub = tp.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    sp = tsub.add_parser("train", help="train on text files and save an HF tokenizer directory")
+    sp.add_argument("--input", nargs="+", required=True, help=".txt (paragraphs), .jsonl (text/messages), .parquet")
+    sp.add_argument("--vocab-size", type=int, required=True, help="vocabulary size incl. special tokens and bytes")
+    sp.add_argument("--out", required=True, help="output directory (may be a model directory)")
+    sp.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
+    sp.set_defaults(func=cmd_tokenizer_train)
+    sp = tsub.add_parser("stats", help="characters and bytes per token, per file")
+    sp.add_argument("--tokenizer", required=True, help="an HF tokenizer directory")
+    sp.add_argument("--input", nargs="+", required=True, help="text files to measure")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=cmd_tokenizer_stats)
+
+    dp = sub.add_parser("data", help="tokenize corpora into shards; synthetic reasoning tasks")
+    dsub = dp.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    sp = dsub.add_parser("prepare", help="tokenize files into token shards + manifest.json")
+    sp.add_argument("--input", nargs="+", required=True, help=".txt (paragraphs), .jsonl (text/messages), .parquet")
+    sp.add_argument("--tokenizer", required=True, help="an HF tokenizer directory")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    sp.add_argument("--sft", action="store_true", help="chat data: write loss masks (final assistant turn)")
+    sp.add_argument("--all-turns", action="store_true", help="with --sft, also train earlier assistant answers")
+    sp.add_argument("--txt-split", choices=("paragraph", "file"), default="paragraph",
+                    help="a .txt document is a blank-line-separated paragraph (default) or the whole file")
+    sp.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard (default 2^26)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.set_defaults(func=cmd_data_prepare)
+    sp = dsub.add_parser("synth", help="synthetic arithmetic / countdown problems with reasoning, as JSONL")
+    sp.add_argument("--task", choices=("arithmetic", "countdown"), required=True)
+    sp.add_argument("--n", type=int, required=True, help="number of items")
+    sp.add_argument("--split", choices=("train", "test"), default="train")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="output .jsonl file")
+    sp.add_argument("--format", choices=("item", "text", "chat"), default="item",
+                    help="raw items (default; for RL/eval), {text} for pretraining, {messages} for SFT")
+    sp.set_defaults(func=cmd_data_synth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sp.set_defaults(func=cmd_cost)
 
+    sp = sub.add_parser("train", help="pretrain or SFT (runs under torchrun for DDP/FSDP2)",
+                        description="Config from a TOML file and/or key=value overrides (model.KEY=... for model "
+                                    "config keys), e.g. `nanoseek train --preset small data=runs/data max_steps=500`.")
+    sp.add_argument("--config", help="a TOML file of TrainConfig fields ([model] table: model config overrides)")
+    sp.add_argument("--preset", help="model preset (same as preset=...)")
+    sp.add_argument("--out", help="run directory (same as out=...)")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    sp.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides")
+    sp.set_defaults(func=cmd_train)
+
     sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in seconds")
     sp.set_defaults(func=cmd_demo)
+    _add_tokenizer_and_data_commands(sub)
     return p
 
 

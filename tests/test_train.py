@@ -1,0 +1,154 @@
+"""The trainer: learning signal, exact resume after a kill, DDP/FSDP equivalence, metrics, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import load
+from nanoseek.data import prepare
+from nanoseek.synthetic import generate, to_text
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import NonFiniteLoss, TrainConfig, lr_at, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = "\n\n".join(to_text(it) for it in generate("arithmetic", 400, seed=3))
+    (d / "train.txt").write_text(text)
+    (d / "val.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 40, split="test")))
+    train_tokenizer([d / "train.txt"], 384, d / "tok")
+    prepare([d / "train.txt"], d / "tok", d / "data")
+    prepare([d / "val.txt"], d / "tok", d / "val")
+    return d
+
+
+def _cfg(corpus, out, **kw):
+    base = dict(preset="tiny", data=str(corpus / "data"), tokenizer=str(corpus / "tok"), seq_len=64, batch_size=4,
+                max_steps=12, warmup_steps=2, lr=3e-3, out=str(out), save_every=0, dtype="fp32", progress=False,
+                model_overrides={"vocab_size": 384})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_and_outputs_are_complete(corpus, tmp_path):
+    res = train(_cfg(corpus, tmp_path, max_steps=30, val_data=str(corpus / "val"), eval_every=15))
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(recs) == 30 and [r["step"] for r in recs] == list(range(1, 31))
+    assert recs[-1]["main"] < recs[0]["main"] - 1.0
+    for key in ("loss", "main", "mtp", "lr", "grad_norm", "tokens_per_s", "mfu", "maxvio"):
+        assert key in recs[0]
+    assert "val_loss" in recs[14] and res["val_loss"] < recs[0]["main"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    ckpt = tmp_path / (tmp_path / "latest").read_text().strip()
+    model = load(ckpt)  # every checkpoint is a complete model directory, tokenizer included
+    assert (ckpt / "tokenizer.json").exists() and model.config.vocab_size == 384
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_ratio=0.2, min_lr_ratio=0.0)
+    assert lr_at(50, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
+
+
+def test_muon_and_grad_accum_train(corpus, tmp_path):
+    recs = None
+    train(_cfg(corpus, tmp_path, optimizer="muon", grad_accum=2, max_steps=8, lr=2e-3))
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[-1]["main"] < recs[0]["main"]
+
+
+def _cli_train(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_matches_uninterrupted(corpus, tmp_path):
+    common = [f"data={corpus / 'data'}", f"tokenizer={corpus / 'tok'}", "preset=tiny", "model.vocab_size=384",
+              "seq_len=64", "batch_size=4", "max_steps=10", "warmup_steps=2", "dtype=fp32", "save_every=2",
+              "progress=false"]
+    ref = _cli_train([*common, f"out={tmp_path / 'ref'}"])
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    run = tmp_path / "run"
+    p = _cli_train([*common, f"out={run}"])
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once step 5 is logged (a checkpoint exists at step 4)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (run / "latest").exists()
+    p = _cli_train([*common, f"out={run}", "resume=true"])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    b = [(r["step"], r["loss"]) for r in read_metrics(metrics)]
+    assert a == b  # bit-identical curve, no duplicated or missing steps
+
+
+def _torchrun(nproc, args, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nanoseek.cli", "train", *args, f"out={out}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [x["loss"] for x in read_metrics(Path(out) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, mode):
+    args = [f"data={corpus / 'data'}", f"tokenizer={corpus / 'tok'}", "preset=tiny", "model.vocab_size=384",
+            "seq_len=64", "batch_size=4", "max_steps=5", "warmup_steps=1", "dtype=fp32", "progress=false",
+            "schedule=constant",  # the schedule must not depend on max_steps: the FSDP run stops at 3 first
+            "save_every=0"]
+    one = _torchrun(1, args, tmp_path / "one")
+    if mode == "fsdp":  # also checkpoint under FSDP (gathered full state) and resume sharded
+        _torchrun(2, [*args[:-1], "save_every=3", "fsdp=true", "max_steps=3"], tmp_path / "two")
+        two = _torchrun(2, [*args[:-1], "save_every=3", "fsdp=true", "resume=true"], tmp_path / "two")
+    else:
+        two = _torchrun(2, args, tmp_path / "two")
+    assert len(one) == len(two) == 5
+    # fp32 reductions differ (two half-batch gradient sums vs one): agreement to 1e-5 relative
+    assert max(abs(a - b) / a for a, b in zip(one, two)) < 1e-5, (one, two)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    train(_cfg(corpus, tmp_path, max_steps=2, save_every=1))
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+        train(_cfg(corpus, tmp_path, max_steps=20, save_every=1, lr=1e12, grad_clip=0, resume=True, warmup_steps=0))
+    assert load(tmp_path / (tmp_path / "latest").read_text().strip()) is not None
+
+
+def test_bad_input_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'max_steps'"):
+        TrainConfig.from_sources(overrides=["max_step=3"])
+    with pytest.raises(ValueError, match="did you mean 'hidden_size'"):
+        TrainConfig.from_sources(overrides=["model.hiden_size=3"])
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        train(_cfg(corpus, tmp_path, seq_len=4096))
+    with pytest.raises(ValueError, match="larger than the model's vocab_size"):
+        train(_cfg(corpus, tmp_path, model_overrides={"vocab_size": 300}))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        train(_cfg(corpus, tmp_path, data=str(tmp_path)))
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[optim]\nlr = 0.01\n[model]\nhidden_size = 96\n')
+    cfg = TrainConfig.from_sources(str(toml), ["max_steps=7"])
+    assert cfg.lr == 0.01 and cfg.max_steps == 7 and cfg.model_overrides == {"hidden_size": 96}
+    train(_cfg(corpus, tmp_path / "ok", max_steps=2, save_every=1))
+    other = _cfg(corpus, tmp_path / "ok", max_steps=4, resume=True, model_overrides={"vocab_size": 384,
+                                                                                     "hidden_size": 96})
+    with pytest.raises(ValueError, match="different model config"):
+        train(other)
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text())["step"] == 2  # nothing lost
