@@ -1,0 +1,269 @@
+"""Rule-based rewards and tasks for GRPO (R1-Zero: accuracy + format, no neural reward model), and the plugin API.
+
+A reward function follows TRL's convention, so TRL/open-r1 reward functions work unchanged:
+
+    def my_reward(completions: list[str], prompts: list[str], **columns) -> list[float]
+
+`columns` are the task's other fields (e.g. `answer`, `numbers`, `target`), one list entry per completion.
+Rewards run in a separate worker process: a reward that raises, hangs past its timeout or returns NaN scores 0 for
+the affected completions, is counted in the metrics, and the run continues. (math-verify's own timeout uses
+signals and only works on a main thread — in the worker it runs on the worker's main thread, and the parent
+enforces the wall-clock limit by killing and restarting the worker.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import multiprocessing as mp
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import synthetic
+
+RewardFn = Callable[..., list[float]]
+
+# ------------------------------------------------------------------------------------------------------------
+# built-in rewards
+
+_THINK_ANSWER = re.compile(r"^\s*(?:<think>)?(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.S)
+_ANSWER_ONLY = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def format_reward(completions: list[str], **_: Any) -> list[float]:
+    """1 for `<think> ... </think> <answer> ... </answer>` and nothing after (R1-Zero's format reward). The opening
+    <think> may be absent: the R1 chat template pre-fills it in the prompt."""
+    return [1.0 if (m := _THINK_ANSWER.match(c)) and m.group("think").strip() and m.group("answer").strip()
+            else 0.0 for c in completions]
+
+
+def arithmetic_accuracy(completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+    return [synthetic.verify_arithmetic({"answer": a}, c) for c, a in zip(completions, answer)]
+
+
+def countdown_reward(completions: list[str], numbers: list[list[int]], target: list[int], **_: Any) -> list[float]:
+    """TinyZero's scoring: 0 without the answer format, 0.1 with it but a wrong equation, 1 for a correct one."""
+    return [synthetic.verify_countdown({"numbers": n, "target": t}, c) for c, n, t in zip(completions, numbers, target)]
+
+
+def math_verify_accuracy(completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+    """GSM8K/MATH-style grading with math-verify: the <answer> content (or the text after </think>) against the
+    reference, both parsed as LaTeX or plain expressions."""
+    from math_verify import parse, verify
+
+    out = []
+    for c, a in zip(completions, answer):
+        tail = c.rsplit("</think>", 1)[-1]
+        found = _ANSWER_ONLY.findall(tail)
+        pred = found[-1] if found else tail
+        gold = parse(_as_math(str(a)))
+        guess = parse(_as_math(pred))
+        out.append(1.0 if gold and guess and verify(gold, guess) else 0.0)
+    return out
+
+
+def _as_math(s: str) -> str:
+    s = s.strip()
+    return s if "$" in s or "\\boxed" in s else f"${s}$"
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "format": format_reward,
+    "arithmetic": arithmetic_accuracy,
+    "countdown": countdown_reward,
+    "math_verify": math_verify_accuracy,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tasks: prompts + columns + default rewards
+
+
+@dataclass
+class Task:
+    name: str
+    items: list[dict[str, Any]]  # each has "prompt" plus columns for the rewards
+    rewards: list[tuple[str, float]] = field(default_factory=list)  # (spec, weight)
+    test_items: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_task(name: str, n_train: int = 5000, n_test: int = 200, seed: int = 0) -> Task:
+    """`arithmetic` / `countdown` (synthetic, with held-out items), or a JSONL file with `prompt` and `answer`
+    columns graded by math-verify (every other column is passed to reward functions)."""
+    if name in synthetic.TASKS:
+        train = synthetic.generate(name, n_train, "train", seed)
+        test = synthetic.generate(name, n_test, "test", seed)
+        acc = "arithmetic" if name == "arithmetic" else "countdown"
+        # countdown's TinyZero reward already includes its 0.1 format credit
+        rewards = [(acc, 1.0), ("format", 0.5)] if name == "arithmetic" else [(acc, 1.0), ("format", 0.1)]
+        return Task(name, train, rewards, test)
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"task {name!r} is neither a built-in task ({', '.join(synthetic.TASKS)}) nor a "
+                                "JSONL file")
+    items = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"{path}:{i}: missing the 'prompt' column (each line needs 'prompt' and 'answer')")
+        if "answer" not in row:
+            raise ValueError(f"{path}:{i}: missing the 'answer' column (each line needs 'prompt' and 'answer')")
+        row.setdefault("id", f"{path.stem}-{i}")
+        items.append(row)
+    if not items:
+        raise ValueError(f"task file {path} has no rows")
+    return Task(path.stem, items, [("math_verify", 1.0), ("format", 0.5)], [])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plugin resolution (in the parent: errors before any compute) and the sandboxed worker
+
+
+def parse_reward_spec(spec: str) -> tuple[str, float]:
+    """`module:fn`, `path/file.py:fn` or a built-in name, optionally `=weight` (e.g. `my_rewards:length=0.2`)."""
+    weight = 1.0
+    if "=" in spec:
+        spec, w = spec.rsplit("=", 1)
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ValueError(f"reward weight {w!r} in {spec}={w} is not a number") from None
+    return spec, weight
+
+
+def resolve_reward(spec: str) -> RewardFn:
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(f"reward {spec!r} is not built in ({', '.join(BUILTIN_REWARDS)}) and not module:function")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            p = Path(mod_name)
+            if not p.exists():
+                raise FileNotFoundError(f"reward file {p} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"nanoseek_reward_{p.stem}", p)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # `--reward my_module:fn` from the current directory, like python -m
+            module = importlib.import_module(mod_name)
+    except (ImportError, FileNotFoundError, SyntaxError) as e:
+        raise ValueError(f"cannot import reward module {mod_name!r}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward module {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def _worker_main(conn, specs: list[str]) -> None:
+    fns: dict[str, RewardFn] = {}
+    for spec in specs:  # import before the handshake, so start-up time never counts against a reward's timeout
+        try:
+            fns[spec] = resolve_reward(spec)
+        except Exception:  # reported per call below
+            pass
+    conn.send(("ready", None))
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        spec, completions, kwargs = msg
+        try:
+            fn = fns.get(spec) or fns.setdefault(spec, resolve_reward(spec))
+            out = fn(completions, **kwargs)
+            conn.send(("ok", [float(x) if x is not None else math.nan for x in out]))
+        except Exception as e:  # report, never die: the parent scores 0
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class RewardRunner:
+    """Weighted sum of reward functions, each run in a worker process with a timeout."""
+
+    def __init__(self, specs: list[tuple[str, float]], timeout: float = 10.0):
+        if not specs:
+            raise ValueError("at least one reward is needed")
+        for spec, _ in specs:
+            resolve_reward(spec)  # import errors now, in the parent, before any rollout
+        self.specs, self.timeout = specs, timeout
+        self.ctx = mp.get_context("spawn")
+        self.proc = None
+        self.conn = None
+        self.failures: dict[str, int] = {}
+
+    def _start(self) -> None:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker_main, args=(child, [s for s, _ in self.specs]), daemon=True)
+        self.proc.start()
+        self.conn = parent
+        if not parent.poll(120) or parent.recv()[0] != "ready":
+            raise RuntimeError("the reward worker process did not start")
+
+    def _call(self, spec: str, completions: list[str], kwargs: dict[str, list[Any]]) -> list[float] | str:
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send((spec, completions, kwargs))
+        if not self.conn.poll(self.timeout):
+            self.proc.kill()  # a hung reward: kill and restart the worker
+            self.proc.join()
+            self.proc = None
+            return f"timeout after {self.timeout}s"
+        status, payload = self.conn.recv()
+        if status != "ok":
+            return payload
+        if len(payload) != len(completions):
+            return f"returned {len(payload)} scores for {len(completions)} completions"
+        return payload
+
+    def __call__(self, completions: list[str], prompts: list[str],
+                 columns: dict[str, list[Any]]) -> tuple[list[float], dict[str, list[float]]]:
+        """Total reward per completion and each component (unweighted)."""
+        total = [0.0] * len(completions)
+        parts: dict[str, list[float]] = {}
+        for spec, weight in self.specs:
+            kwargs = {"prompts": prompts, **columns}
+            res = self._call(spec, completions, kwargs)
+            if isinstance(res, str):  # the batch failed: retry item by item so one bad input costs one score
+                scores, timeouts = [], 0
+                for i, c in enumerate(completions):
+                    if timeouts >= 2:  # it hangs on everything: do not wait out every item
+                        scores.append(math.nan)
+                        continue
+                    one = self._call(spec, [c], {k: [v[i]] for k, v in kwargs.items()})
+                    timeouts += isinstance(one, str) and one.startswith("timeout")
+                    scores.append(math.nan if isinstance(one, str) else one[0])
+            else:
+                scores = res
+            bad = sum(1 for s in scores if not math.isfinite(s))
+            if bad:
+                self.failures[spec] = self.failures.get(spec, 0) + bad
+            scores = [s if math.isfinite(s) else 0.0 for s in scores]
+            parts[spec] = scores
+            total = [t + weight * s for t, s in zip(total, scores)]
+        return total, parts
+
+    def close(self) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.is_alive():
+            try:
+                self.conn.send(None)
+                self.proc.join(timeout=2)
+            except (BrokenPipeError, OSError):
+                pass
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc = None
+
+    def __del__(self) -> None:
+        self.close()

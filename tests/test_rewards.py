@@ -1,0 +1,72 @@
+"""Rewards: rule-based scores on hand examples, the TRL-style plugin API, and failure isolation in the worker."""
+
+import time
+
+import pytest
+
+from nanoseek.rewards import RewardRunner, format_reward, load_task, math_verify_accuracy, parse_reward_spec
+
+
+def test_format_reward_hand_cases():
+    good = "<think>3 + 4 = 7</think> <answer>7</answer>"
+    prefilled = "3 + 4 = 7\n</think>\n\n<answer>7</answer>"  # R1 template pre-fills <think>
+    assert format_reward([good, prefilled]) == [1.0, 1.0]
+    assert format_reward(["<answer>7</answer>", "<think></think><answer>7</answer>",
+                          "<think>x</think><answer>7</answer> trailing", "no tags"]) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_math_verify_accuracy():
+    comps = ["<think>half</think><answer>\\frac{1}{2}</answer>", "<think>..</think><answer>0.5</answer>",
+             "<think>..</think><answer>3</answer>", "so the answer is 0.5"]
+    assert math_verify_accuracy(comps, answer=["0.5", "1/2", "0.5", "\\frac{1}{2}"]) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_plugins_receive_prompts_and_columns_and_weights_add_up():
+    r = RewardRunner([("tests.reward_plugins:uses_columns", 1.0), ("tests.reward_plugins:length_reward", 0.5)])
+    total, parts = r(["the answer is 42", "no"], ["q1", "q2"], {"answer": [42, 7]})
+    assert parts["tests.reward_plugins:uses_columns"] == [1.0, 0.0]
+    assert total == pytest.approx([1.0 + 0.5 * 1.0, 0.5 * 0.2])
+    r.close()
+
+
+def test_raising_hanging_and_nan_rewards_score_zero_and_are_counted():
+    r = RewardRunner([("tests.reward_plugins:raises_on_bad", 1.0), ("tests.reward_plugins:nan_reward", 1.0)],
+                     timeout=2.0)
+    total, _ = r(["fine", "bad one", "x"], ["p"] * 3, {})
+    assert total == [1.5, 0.5, 1.0]  # only the raising item lost its score; NaN -> 0
+    assert r.failures == {"tests.reward_plugins:raises_on_bad": 1, "tests.reward_plugins:nan_reward": 1}
+    r.close()
+    h = RewardRunner([("tests.reward_plugins:hangs", 1.0), ("format", 1.0)], timeout=1.0)
+    t0 = time.time()
+    total, _ = h(["<think>a</think><answer>1</answer>"] * 4, ["p"] * 4, {})
+    assert total == [1.0] * 4 and h.failures["tests.reward_plugins:hangs"] == 4
+    assert time.time() - t0 < 15  # bounded: gives up after repeated timeouts
+    h.close()
+
+
+def test_bad_specs_fail_before_compute(tmp_path):
+    with pytest.raises(ValueError, match="cannot import reward module 'no_such_module'"):
+        RewardRunner([("no_such_module:fn", 1.0)])
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        RewardRunner([("tests.reward_plugins:nope", 1.0)])
+    with pytest.raises(ValueError, match="not built in"):
+        RewardRunner([("nonsense", 1.0)])
+    assert parse_reward_spec("m:f=0.25") == ("m:f", 0.25)
+    with pytest.raises(ValueError, match="not a number"):
+        parse_reward_spec("m:f=abc")
+
+
+def test_task_files(tmp_path):
+    t = load_task("countdown", n_train=10, n_test=5)
+    assert len(t.items) == 10 and {"numbers", "target", "prompt"} <= set(t.items[0])
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    assert load_task(str(f)).items[0]["answer"] == "2"
+    f.write_text('{"question": "1+1?", "answer": "2"}\n')
+    with pytest.raises(ValueError, match="missing the 'prompt' column"):
+        load_task(str(f))
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="has no rows"):
+        load_task(str(f))
+    with pytest.raises(FileNotFoundError, match="neither a built-in task"):
+        load_task("nope")
