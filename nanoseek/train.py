@@ -27,6 +27,7 @@ from torch import nn
 from . import accounting
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import ModelConfig, Transformer, build
+from .plotting import plot_panels, read_jsonl
 from .weights import load as load_model
 
 
@@ -515,35 +516,11 @@ def _progress(enabled: bool):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
-    """Loss curves (total, main, MTP, validation), lr and MaxVio from a metrics JSONL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in read_metrics(metrics) if "loss" in r and "event" not in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps = [r["step"] for r in recs]
-    for key in ("loss", "main", "mtp"):
-        if any(key in r for r in recs):
-            axes[0].plot(steps, [r.get(key, float("nan")) for r in recs], label=key)
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    if val:
-        axes[0].plot(*zip(*val), "o-", label="val")
-    axes[0].set(title="loss", xlabel="step")
-    axes[0].legend()
-    axes[1].plot(steps, [r["lr"] for r in recs])
-    axes[1].set(title="learning rate", xlabel="step")
-    if recs and recs[0].get("maxvio"):
-        for i in range(len(recs[0]["maxvio"])):
-            axes[2].plot(steps, [r["maxvio"][i] for r in recs], label=f"MoE layer {i}")
-        axes[2].legend(fontsize=7)
-    axes[2].set(title="expert load MaxVio", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
+    """Loss curves (total, main, MTP, validation), lr and MaxVio per MoE layer from a metrics JSONL."""
+    recs = [r for r in read_jsonl(metrics) if "event" not in r]
+    return plot_panels(recs, png, [("loss", ["loss", "main", "mtp", "val_loss"]), ("learning rate", ["lr"]),
+                                   ("expert load MaxVio", ["maxvio"])])
