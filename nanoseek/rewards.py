@@ -13,6 +13,7 @@ enforces the wall-clock limit by killing and restarting the worker.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -171,10 +172,8 @@ def resolve_reward(spec: str) -> RewardFn:
 def _worker_main(conn, specs: list[str]) -> None:
     fns: dict[str, RewardFn] = {}
     for spec in specs:  # import before the handshake, so start-up time never counts against a reward's timeout
-        try:
+        with contextlib.suppress(Exception):  # reported per call below
             fns[spec] = resolve_reward(spec)
-        except Exception:  # reported per call below
-            pass
     conn.send(("ready", None))
     while True:
         msg = conn.recv()

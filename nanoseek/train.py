@@ -26,8 +26,8 @@ from torch import nn
 
 from . import accounting
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, truncate_jsonl
 from .model import ModelConfig, Transformer, build
-from .plotting import plot_panels, read_jsonl
 from .weights import load as load_model
 
 
@@ -339,7 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start_step, optimizer_state = state["step"], state.get("optimizer_state")
         batches.load_state_dict(state["data"])
         if master:
-            _truncate_metrics(out / "metrics.jsonl", start_step)
+            truncate_jsonl(out / "metrics.jsonl", start_step)
     elif master and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh curve
     if master:
@@ -383,7 +383,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     flops_per_token = accounting.flops_per_token(model.config, cfg.seq_len, training=True,
                                                  mtp=cfg.mtp_lambda > 0)
     peak = measured_matmul_peak(device, ac_dtype or torch.float32) * world
-    progress = _progress(master and cfg.progress)
+    progress = progress_bar(master and cfg.progress)
     task = progress.add_task("train", total=cfg.max_steps, completed=start_step) if progress else None
     metrics_file = out / "metrics.jsonl"
     t_start = time.perf_counter()
@@ -414,7 +414,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 msg = (f"loss became {loss_t.item()} at step {step}: stopping. The last good checkpoint "
                        f"(step {last_good}) is kept in {out}; lower lr (now {lr:.3g}) or check the data.")
                 if master:
-                    _log(metrics_file, {"step": step, "event": "nonfinite_loss", "loss": str(loss_t.item())})
+                    append_jsonl(metrics_file, {"step": step, "event": "nonfinite_loss", "loss": str(loss_t.item())})
                 raise NonFiniteLoss(msg)
             params = [p for p in model.parameters() if p.grad is not None]
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -431,7 +431,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["val_loss"] = evaluate(model, cfg, rank, world, device, autocast)
             if master and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
-                _log(metrics_file, rec)
+                append_jsonl(metrics_file, rec)
             if progress:
                 progress.update(task, completed=step + 1,
                                 description=f"train loss {rec['loss']:.3f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s")
@@ -482,37 +482,6 @@ def _manifest_tokenizer(data: str) -> str | None:
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return None
     return tok if tok and Path(tok).exists() else None
-
-
-def _log(path: Path, rec: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume from `step`, drop lines logged past it, so the curve has no duplicated steps."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn())
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -25,3 +25,8 @@ def hangs(completions, **_):
 
 def nan_reward(completions, **_):
     return [math.nan if "x" in c else 0.5 for c in completions]
+
+
+def digit_fraction(completions, **_):
+    """A trivially learnable reward for the GRPO learning test: the share of digit characters."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]

@@ -1,8 +1,10 @@
-"""PNG plots from metrics JSONL files (every stage logs one JSONL line per step; plots and the report read them)."""
+"""Run logging shared by the stages: one JSONL line per step, a rich progress bar with ETA, PNG plots from the JSONL
+(the report reads the same files)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,39 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """After resuming from `step`, drop records logged past it so a curve has no duplicated steps."""
+    p = Path(path)
+    if not p.exists():
+        return
+    keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, p)
+
+
+def progress_bar(enabled: bool = True):
+    """A rich Progress with elapsed time and ETA, or None when disabled (non-rank-0, tests)."""
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn())
 
 
 def plot_panels(records: list[dict[str, Any]], png: str | Path, panels: Sequence[tuple[str, Sequence[str]]],
