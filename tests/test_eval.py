@@ -1,0 +1,68 @@
+"""Evaluation metrics against hand-computed values, and the pipeline on a tiny local model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek import build
+from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, pass_at_k, wilson
+from nanoseek.synthetic import generate, to_text
+from nanoseek.tokenizer import train_tokenizer
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 2), (8, 3, 8), (10, 9, 5), (16, 1, 4)]:
+        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert pass_at_k(n, c, k) == pytest.approx(exact)
+    assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
+
+
+def test_wilson_and_bootstrap():
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)  # standard table
+    assert wilson(0, 10)[0] == 0.0
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_majority_vote():
+    assert majority(["3", None, "4", "4", "3"]) == "3"  # tie: earliest sampled
+    assert majority(["4", "4", "3"]) == "4"
+    assert majority([None, None]) is None
+
+
+def test_evaluate_with_a_scripted_sampler(tmp_path):
+    items = generate("arithmetic", 4, "test")
+    right = [f"work\n</think>\n\n<answer>{it['answer']}</answer>" for it in items]
+    wrong = "x\n</think>\n\n<answer>-1</answer>"
+
+    def sampler(its, k, temperature):  # item i: i of its k samples are right
+        return [[right[i]] * min(i, k) + [wrong] * (k - min(i, k)) if temperature else [right[i] if i % 2 else wrong]
+                for i, _ in enumerate(its)]
+
+    s = evaluate(EvalConfig(model="unused", k=4, out=str(tmp_path)), items=items, sampler=sampler)
+    assert s["pass@1"] == pytest.approx((0 + 1 + 2 + 3) / 16)
+    assert s["cons@4"] == pytest.approx(2 / 4)  # item 3 (3 of 4 right) and item 2 (2-2 tie, right sampled first)
+    assert s["greedy"] == pytest.approx(0.5)
+    assert s["pass@4"] == pytest.approx(3 / 4)
+    rows = [json.loads(x) for x in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[3]["majority_answer"] == items[3]["answer"]
+    assert "| pass@1" in (tmp_path / "summary.md").read_text()
+
+
+def test_local_model_end_to_end(tmp_path):
+    (tmp_path / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 200)))
+    train_tokenizer([tmp_path / "c.txt"], 512, tmp_path / "tok")
+    torch.manual_seed(0)
+    build("tiny").save_pretrained(tmp_path / "m", tokenizer=tmp_path / "tok")
+    s = evaluate(EvalConfig(model=str(tmp_path / "m"), n=6, k=2, max_tokens=8, out=str(tmp_path / "ev")))
+    assert s["n_items"] == 6 and 0.0 <= s["pass@1"] <= 1.0 and "greedy" in s
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="exactly one of --model DIR or --url URL"):
+        EvalConfig()
+    with pytest.raises(ValueError, match="needs --served-model"):
+        EvalConfig(url="http://127.0.0.1:1/v1")
