@@ -452,10 +452,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        pad = self.nope + self.rope - self.v_dim
+        if pad > 0:  # fused (flash) SDPA kernels need equal q/k/v head dims; zero columns leave the output exact
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, hs)
             attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
-        )
+        )[..., : self.v_dim]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
