@@ -65,8 +65,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    Console().print(f"trained a {tok.vocab_size}-token byte-level BPE (bos {tok.bos_id}, eos {tok.eos_id}, "
-                    f"pad {tok.pad_id}) -> [bold]{args.out}[/]")
+    short = f" (of {args.vocab_size} requested: no pair left with count >= {args.min_frequency})" \
+        if tok.vocab_size < args.vocab_size else ""
+    Console().print(f"trained a {tok.vocab_size}-token byte-level BPE{short}, bos {tok.bos_id}, eos {tok.eos_id}, "
+                    f"pad {tok.pad_id} -> [bold]{args.out}[/]")
     return 0
 
 

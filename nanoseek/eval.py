@@ -98,6 +98,7 @@ def grader(task: str) -> Callable[[dict[str, Any], str], bool]:
 @dataclass
 class EvalConfig:
     task: str = "arithmetic"
+    task_options: dict[str, Any] | None = None  # synthetic difficulty (must match what the model was trained on)
     model: str | None = None
     url: str | None = None
     served_model: str | None = None  # model name at the URL
@@ -171,10 +172,10 @@ def _remote_sampler(cfg: EvalConfig):
     return run
 
 
-def load_items(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def load_items(task: str, n: int, seed: int = 0, options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Held-out items: the synthetic test split, or the rows of a JSONL file (`prompt`, `answer`)."""
     if task in synthetic.TASKS:
-        return synthetic.generate(task, n, "test", seed)
+        return synthetic.generate(task, n, "test", seed, **(options or {}))
     from .rewards import load_task
 
     return load_task(task).items[:n]
@@ -183,7 +184,7 @@ def load_items(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
 def evaluate(cfg: EvalConfig, items: list[dict[str, Any]] | None = None,
              sampler: Callable[[list[dict[str, Any]], int, float], list[list[str]]] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the summary (and writes OUT/items.jsonl, summary.json, summary.md)."""
-    items = items if items is not None else load_items(cfg.task, cfg.n, cfg.seed)
+    items = items if items is not None else load_items(cfg.task, cfg.n, cfg.seed, cfg.task_options)
     if not items:
         raise ValueError(f"task {cfg.task!r} has no items to evaluate")
     sampler = sampler or (_local_sampler(cfg) if cfg.model else _remote_sampler(cfg))

@@ -94,12 +94,14 @@ class Task:
     test_items: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_task(name: str, n_train: int = 5000, n_test: int = 200, seed: int = 0) -> Task:
-    """`arithmetic` / `countdown` (synthetic, with held-out items), or a JSONL file with `prompt` and `answer`
-    columns graded by math-verify (every other column is passed to reward functions)."""
+def load_task(name: str, n_train: int = 5000, n_test: int = 200, seed: int = 0,
+              options: dict[str, Any] | None = None) -> Task:
+    """`arithmetic` / `countdown` (synthetic, with held-out items; `options` go to synthetic.generate, e.g.
+    max_digits), or a JSONL file with `prompt` and `answer` columns graded by math-verify (every other column is
+    passed to reward functions)."""
     if name in synthetic.TASKS:
-        train = synthetic.generate(name, n_train, "train", seed)
-        test = synthetic.generate(name, n_test, "test", seed)
+        train = synthetic.generate(name, n_train, "train", seed, **(options or {}))
+        test = synthetic.generate(name, n_test, "test", seed, **(options or {}))
         acc = "arithmetic" if name == "arithmetic" else "countdown"
         # countdown's TinyZero reward already includes its 0.1 format credit
         rewards = [(acc, 1.0), ("format", 0.5)] if name == "arithmetic" else [(acc, 1.0), ("format", 0.1)]

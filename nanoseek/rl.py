@@ -42,6 +42,7 @@ PROMPT_FORMATS = ("chat", "r1_zero")
 class RLConfig:
     model: str = ""
     task: str = "arithmetic"
+    task_options: dict[str, Any] = field(default_factory=dict)  # synthetic difficulty, e.g. {"max_digits": 3}
     rewards: list[str] = field(default_factory=list)  # extra reward specs (module:fn[=weight]) added to the task's
     replace_rewards: bool = False  # use only `rewards`, not the task's built-in accuracy + format
     out: str = "runs/rl"
@@ -250,7 +251,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     OUT/final (an HF model directory with the tokenizer, servable by `nanoseek serve`)."""
     if not cfg.model:
         raise ValueError("model is required: a model directory (config.json + safetensors + tokenizer)")
-    task = load_task(cfg.task, n_train=cfg.n_train_items, n_test=max(cfg.eval_n, 0), seed=cfg.seed)
+    task = load_task(cfg.task, n_train=cfg.n_train_items, n_test=max(cfg.eval_n, 0), seed=cfg.seed,
+                     options=cfg.task_options)
     rewarder = RewardRunner(_reward_specs(cfg, task), timeout=cfg.reward_timeout)  # import errors before compute
     tokenizer = Tokenizer.load(cfg.model)
     if cfg.prompt_format == "chat" and tokenizer.chat_template is None:
