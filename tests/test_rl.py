@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek import build
-from nanoseek.rl import (RLConfig, group_advantages, kimi_length_rewards, overlong_penalty, policy_loss, rl)
+from nanoseek.rl import RLConfig, group_advantages, kimi_length_rewards, overlong_penalty, policy_loss, rl
 from nanoseek.synthetic import generate, to_text
 from nanoseek.tokenizer import train_tokenizer
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanoseek import load
 from nanoseek.data import prepare
