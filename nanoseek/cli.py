@@ -55,10 +55,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .rl import RLConfig, rl
+    from .train import _parse_value
+
+    values: dict = {"model": args.model, "task": args.task, "out": args.out, "rewards": args.reward or []}
+    for name in ("steps", "group_size", "batch_prompts", "loss", "beta"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for item in args.overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = _parse_value(v.strip())
+    known = set(RLConfig.__dataclass_fields__)
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, 1)
+        raise ValueError(f"unknown RL config key {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    summary = rl(RLConfig(**values))
+    Console().print(f"RL finished at step {summary['steps']}; final model: [bold]{summary['final_model']}[/]")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalConfig, evaluate, summary_markdown
+
+    s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
+                            api_key=args.api_key, k=args.k, n=args.n, temperature=args.temperature,
+                            top_p=args.top_p, max_tokens=args.max_tokens, prompt_format=args.prompt_format,
+                            out=args.out))
+    print(summary_markdown(s))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, fast=args.fast)
+    return run_demo(out=args.out, fast=args.fast, fresh=args.fresh)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -178,9 +214,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides")
     sp.set_defaults(func=cmd_train)
 
+    sp = sub.add_parser("rl", help="GRPO reasoning RL (R1-Zero recipe) with rule-based or plugin rewards")
+    sp.add_argument("--model", required=True, help="model directory (with tokenizer files)")
+    sp.add_argument("--task", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt, answer)")
+    sp.add_argument("--reward", action="append", help="extra reward module:fn[=weight] (repeatable)")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--group-size", dest="group_size", type=int, help="G samples per prompt")
+    sp.add_argument("--batch-prompts", dest="batch_prompts", type=int, help="P prompts per step")
+    sp.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"])
+    sp.add_argument("--beta", type=float, help="KL coefficient (R1: 0.001; 0 = no reference model)")
+    sp.add_argument("--out", default="runs/rl")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any RLConfig field (see docs/rl.md)")
+    sp.set_defaults(func=cmd_rl)
+
+    sp = sub.add_parser("eval", help="pass@1 / pass@k / cons@k / greedy accuracy with confidence intervals")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local model directory")
+    src.add_argument("--url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    sp.add_argument("--served-model", help="model name at --url")
+    sp.add_argument("--api-key", default=None)
+    sp.add_argument("--task", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt, answer)")
+    sp.add_argument("--k", type=int, default=8, help="samples per item (default 8)")
+    sp.add_argument("--n", type=int, default=200, help="held-out items (default 200)")
+    sp.add_argument("--temperature", type=float, default=0.6)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--max-tokens", type=int, default=256)
+    sp.add_argument("--prompt-format", choices=["chat", "r1_zero"], default="chat")
+    sp.add_argument("--out", default=None, help="directory for items.jsonl, summary.json and summary.md")
+    sp.set_defaults(func=cmd_eval)
+
     sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in seconds")
+    sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in about a minute")
+    sp.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
     sp.set_defaults(func=cmd_demo)
     _add_tokenizer_and_data_commands(sub)
     return p

@@ -1,35 +1,249 @@
-"""`nanoseek demo`: until the full recipe lands (issue "Evaluation, report card, and nanoseek demo"), a smoke run:
-build the `small` preset, print its parameter table, save it as an HF directory, reload it and generate."""
+"""`nanoseek demo`: the whole DeepSeek recipe on a laptop CPU, ending in a report card.
+
+Stages (each resumable; a finished stage is skipped on re-run, `--fresh` starts over; each has a time budget
+that the stage enforces by stopping early and keeping its last checkpoint):
+  1. data      synthetic arithmetic with chain of thought, rendered in the R1 chat format; a BPE tokenizer
+  2. pretrain  a `small` MLA + DeepSeekMoE + MTP model (aux-loss-free balancing on) on that corpus
+  3. rl        GRPO, R1-Zero style (rule-based accuracy + format rewards), in the chat format `nanoseek chat` uses
+  4. distill   the RL model's rejection-sampled traces SFT-distilled into a smaller student (R1 §3 "distillation")
+  5. eval      base, RL and student on the same held-out items (greedy, pass@1 over k samples, cons@k)
+  6. report    OUT/report/report.md + PNG plots
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 from rich.console import Console
 
-from . import accounting
-from .infer import generate
-from .model import build
-from .weights import load
+
+@dataclass
+class DemoPlan:
+    """Sizes and budgets of one demo run (seconds are wall-clock budgets on a 2-core CPU)."""
+
+    fast: bool = False
+    task: str = "arithmetic"
+    task_options: dict[str, Any] = field(default_factory=lambda: {"max_digits": 3, "mul_digits": (2, 1)})
+    n_train: int = 20000
+    vocab_size: int = 1024
+    # pretraining
+    preset: str = "small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 256
+    batch_size: int = 16
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    pretrain_budget: float = 330.0
+    # RL
+    rl_steps: int = 60
+    rl_group: int = 8
+    rl_prompts: int = 4
+    rl_max_new: int = 160
+    rl_lr: float = 2e-5
+    rl_budget: float = 240.0
+    # distillation
+    student_preset: str = "small"
+    student_overrides: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 6, "n_routed_experts": 16,
+        "intermediate_size": 512, "moe_intermediate_size": 96, "q_lora_rank": 96})
+    distill_prompts: int = 600
+    distill_samples: int = 2
+    distill_steps: int = 300
+    distill_budget: float = 180.0
+    # evaluation
+    eval_n: int = 100
+    eval_k: int = 4
+    eval_budget: float = 150.0
+
+    @classmethod
+    def make(cls, fast: bool) -> DemoPlan:
+        if not fast:
+            return cls()
+        return cls(fast=True, n_train=600, vocab_size=512, preset="tiny", seq_len=128, batch_size=8,
+                   pretrain_steps=12, pretrain_budget=30, rl_steps=3, rl_group=4, rl_prompts=2, rl_max_new=24,
+                   rl_budget=30, student_preset="tiny", student_overrides={"num_hidden_layers": 1,
+                                                                          "first_k_dense_replace": 0},
+                   distill_prompts=8, distill_samples=1, distill_steps=4, distill_budget=30, eval_n=6, eval_k=2,
+                   eval_budget=30)
 
 
-def run_demo(out: str = "runs/demo", fast: bool = False) -> int:
+class Stage:
+    def __init__(self, name: str, fn: Callable[[Path, DemoPlan, Console], dict[str, Any]], budget: float):
+        self.name, self.fn, self.budget = name, fn, budget
+
+
+def _stages(plan: DemoPlan) -> list[Stage]:
+    return [Stage("data", stage_data, 60), Stage("pretrain", stage_pretrain, plan.pretrain_budget),
+            Stage("rl", stage_rl, plan.rl_budget), Stage("distill", stage_distill, plan.distill_budget),
+            Stage("eval", stage_eval, plan.eval_budget), Stage("report", stage_report, 60)]
+
+
+def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False) -> int:
     console = Console()
-    preset = "tiny" if fast else "small"
-    console.rule(f"nanoseek demo (smoke): the `{preset}` preset")
-    accounting.print_params_report(accounting.params_report(preset=preset), console)
-    torch.manual_seed(0)
-    model = build(preset)
-    path = model.save_pretrained(Path(out) / f"{preset}-random")
-    model = load(path).eval()
+    root = Path(out)
+    plan = DemoPlan.make(fast)
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / "demo_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("fast") is not None and state["fast"] != fast:
+        raise ValueError(f"{root} holds a {'--fast' if state['fast'] else 'full'} demo: use --fresh or another --out")
+    state["fast"] = fast
+    console.rule(f"nanoseek demo{' --fast' if fast else ''} -> {root}")
     t0 = time.perf_counter()
-    ids = generate(model, [model.config.bos_token_id or 0], 32, temperature=0.0)
-    dt = time.perf_counter() - t0
-    console.print(f"saved an untrained `{preset}` model to [bold]{path}[/] (HF format; "
-                  "transformers' AutoModelForCausalLM loads it)")
-    console.print(f"greedy decode through the absorbed-MLA cache: {len(ids)} tokens in {dt:.2f}s "
-                  f"({len(ids) / dt:.0f} tok/s): {ids[:16]}...")
-    console.print("(untrained weights: the tokens are noise. The full recipe is what `make demo` will run.)")
+    for stage in _stages(plan):
+        done = state.get("stages", {}).get(stage.name)
+        if done and done.get("status") == "done":
+            console.print(f"[dim]{stage.name}: done ({done['seconds']:.0f}s), skipped — `--fresh` to redo[/]")
+            continue
+        console.rule(f"[bold]{stage.name}[/] (budget {stage.budget:.0f}s)")
+        ts = time.perf_counter()
+        try:
+            info = stage.fn(root, plan, console)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted in {stage.name}; finished stages are kept — run the same command "
+                          "to resume[/]")
+            return 130
+        state.setdefault("stages", {})[stage.name] = {"status": "done", "seconds": time.perf_counter() - ts,
+                                                      "budget": stage.budget, **info}
+        _atomic_json(state_file, state)
+    total = sum(s["seconds"] for s in state["stages"].values())
+    console.rule("done")
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s this run ({total:.0f}s over all stages)")
+    console.print(f"report:  [bold]{root / 'report' / 'report.md'}[/]")
+    for name in ("base", "rl", "student"):
+        console.print(f"model {name:8s} {root / 'models' / name}")
+    console.print(f"talk to it:  nanoseek chat --model {root / 'models' / 'rl'}")
+    console.print(f"serve it:    nanoseek serve --model {root / 'models' / 'rl'}")
     return 0
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _publish(src: Path, dst: Path) -> Path:
+    """Copy a finished model directory to OUT/models/NAME atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.safetensors", "rng.safetensors",
+                                                            "trainer_state.json"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stages
+
+
+def chat_document(item: dict[str, Any], tok: Any) -> str:
+    """One training document in the R1 chat format, reasoning kept (the plain template would drop it)."""
+    from . import synthetic
+
+    messages = synthetic.to_messages(item)
+    prompt = tok.render_chat(messages[:-1], add_generation_prompt=True)
+    if tok.bos_token and prompt.startswith(tok.bos_token):
+        prompt = prompt[len(tok.bos_token):]  # data.prepare adds BOS (and EOS) to every document
+    last = messages[-1]
+    return f"{prompt}{last['reasoning_content']}\n</think>\n\n{last['content']}"
+
+
+def stage_data(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from . import synthetic
+    from .data import prepare
+    from .tokenizer import Tokenizer, train_tokenizer
+
+    d = root / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    items = synthetic.generate(plan.task, plan.n_train, "train", 0, **plan.task_options)
+    (d / "plain.txt").write_text("\n\n".join(synthetic.to_text(it) for it in items) + "\n")
+    train_tokenizer([d / "plain.txt"], plan.vocab_size, d / "tokenizer")
+    tok = Tokenizer.load(d / "tokenizer")
+    with (d / "chat.jsonl").open("w") as f:
+        for it in items:
+            f.write(json.dumps({"text": chat_document(it, tok)}) + "\n")
+    manifest = prepare([d / "chat.jsonl"], d / "tokenizer", d / "tokens", overwrite=True)
+    console.print(f"{len(items)} {plan.task} problems -> {manifest['total_tokens']:,} tokens "
+                  f"({manifest['total_tokens'] / len(items):.0f} per document), tokenizer vocab {tok.vocab_size}")
+    return {"tokens": manifest["total_tokens"], "documents": len(items)}
+
+
+def stage_pretrain(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from .train import TrainConfig, train
+
+    out = root / "pretrain"
+    cfg = TrainConfig(preset=plan.preset, model_overrides={"vocab_size": plan.vocab_size, **plan.model_overrides},
+                      data=str(root / "data" / "tokens"), tokenizer=str(root / "data" / "tokenizer"),
+                      seq_len=plan.seq_len, batch_size=plan.batch_size, max_steps=plan.pretrain_steps,
+                      lr=plan.pretrain_lr, warmup_steps=max(1, plan.pretrain_steps // 30), schedule="wsd",
+                      decay_ratio=0.3, save_every=max(10, plan.pretrain_steps // 6), out=str(out),
+                      max_time=plan.pretrain_budget, resume=(out / "latest").exists(), keep_last=1)
+    summary = train(cfg)
+    ckpt = out / (out / "latest").read_text().strip()
+    _publish(ckpt, root / "models" / "base")
+    return {"steps": summary["step"], "status": summary["status"]}
+
+
+def stage_rl(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from .rl import RLConfig, rl
+
+    out = root / "rl"
+    cfg = RLConfig(model=str(root / "models" / "base"), task=plan.task, task_options=plan.task_options,
+                   out=str(out), steps=plan.rl_steps, group_size=plan.rl_group, batch_prompts=plan.rl_prompts,
+                   max_new_tokens=plan.rl_max_new, lr=plan.rl_lr, loss="grpo", beta=0.0, temperature=1.0,
+                   prompt_format="chat", eval_n=0, save_every=10, sample_every=5, max_time=plan.rl_budget,
+                   resume=(out / "latest").exists(), dtype="fp32")
+    summary = rl(cfg)
+    _publish(Path(summary["final_model"]), root / "models" / "rl")
+    return {"steps": summary["steps"]}
+
+
+def stage_distill(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from . import distill
+
+    out = root / "distill"
+    info = distill.demo_distill(teacher=root / "models" / "rl", out=out, task=plan.task,
+                                task_options=plan.task_options, n_prompts=plan.distill_prompts,
+                                samples=plan.distill_samples, max_new_tokens=plan.rl_max_new,
+                                student_preset=plan.student_preset,
+                                student_overrides={"vocab_size": plan.vocab_size, **plan.student_overrides},
+                                steps=plan.distill_steps, budget=plan.distill_budget, seq_len=plan.seq_len)
+    _publish(Path(info["student"]), root / "models" / "student")
+    return {k: v for k, v in info.items() if k != "student"}
+
+
+def stage_eval(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from .eval import EvalConfig, evaluate
+
+    results = {}
+    for name in ("base", "rl", "student"):
+        model = root / "models" / name
+        if not model.exists():
+            continue
+        s = evaluate(EvalConfig(task=plan.task, task_options=plan.task_options, model=str(model), n=plan.eval_n,
+                                k=plan.eval_k, max_tokens=plan.rl_max_new, prompt_format="chat",
+                                out=str(root / "eval" / name)))
+        cons = f"cons@{plan.eval_k}"
+        results[name] = {"greedy": s.get("greedy"), "pass@1": s["pass@1"], cons: s[cons]}
+        console.print(f"{name:8s} greedy {100 * s.get('greedy', 0):5.1f}%  pass@1 {100 * s['pass@1']:5.1f}%  "
+                      f"cons@{plan.eval_k} {100 * s[f'cons@{plan.eval_k}']:5.1f}%")
+    return {"results": results}
+
+
+def stage_report(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    from .report import write_report
+
+    path = write_report(root, plan)
+    console.print(f"report written: {path}")
+    return {"report": str(path)}
