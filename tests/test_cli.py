@@ -6,12 +6,21 @@ from nanoseek import load
 from nanoseek.cli import main
 
 
-def test_demo_fast_smoke_writes_a_loadable_model(tmp_path, capsys):
+def test_demo_fast_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "greedy decode" in out and "KV cache per token" in out
-    model = load(tmp_path / "tiny-random")
-    assert model.config.num_hidden_layers == 2
+    assert "nanoseek chat --model" in out
+    report = (tmp_path / "report" / "report.md").read_text()
+    for section in ("## Environment", "## The model", "## Pretraining", "## GRPO", "## Held-out accuracy",
+                    "## The same recipe at DeepSeek-V3 scale"):
+        assert section in report
+    for name in ("base", "rl", "student"):
+        assert load(tmp_path / "models" / name) is not None
+    assert (tmp_path / "report" / "accuracy.png").exists()
+    state = (tmp_path / "demo_state.json").read_text()
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0  # finished stages are skipped
+    assert "skipped" in capsys.readouterr().out
+    assert (tmp_path / "demo_state.json").read_text() == state
 
 
 def test_user_errors_exit_2_with_one_line(capsys):
