@@ -56,6 +56,7 @@ class DemoPlan:
     distill_prompts: int = 600
     distill_samples: int = 2
     distill_steps: int = 300
+    distill_verifier: str | None = None  # None: the task's verifier (rejection sampling); "none" keeps every trace
     distill_budget: float = 180.0
     # evaluation
     eval_n: int = 100
@@ -71,6 +72,7 @@ class DemoPlan:
                    rl_budget=30, student_preset="tiny", student_overrides={"num_hidden_layers": 1,
                                                                           "first_k_dense_replace": 0},
                    distill_prompts=8, distill_samples=1, distill_steps=4, distill_budget=30, eval_n=6, eval_k=2,
+                   distill_verifier="none",  # a toy model solves nothing: keep its traces to exercise the path
                    eval_budget=30)
 
 
@@ -112,8 +114,8 @@ def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False) ->
             console.print(f"[yellow]interrupted in {stage.name}; finished stages are kept — run the same command "
                           "to resume[/]")
             return 130
-        state.setdefault("stages", {})[stage.name] = {"status": "done", "seconds": time.perf_counter() - ts,
-                                                      "budget": stage.budget, **info}
+        state.setdefault("stages", {})[stage.name] = {**info, "status": "done",
+                                                      "seconds": time.perf_counter() - ts, "budget": stage.budget}
         _atomic_json(state_file, state)
     total = sum(s["seconds"] for s in state["stages"].values())
     console.rule("done")
@@ -192,7 +194,7 @@ def stage_pretrain(root: Path, plan: DemoPlan, console: Console) -> dict[str, An
     summary = train(cfg)
     ckpt = out / (out / "latest").read_text().strip()
     _publish(ckpt, root / "models" / "base")
-    return {"steps": summary["step"], "status": summary["status"]}
+    return {"steps": summary["step"], "stopped_by": summary["status"]}
 
 
 def stage_rl(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
@@ -210,17 +212,44 @@ def stage_rl(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
 
 
 def stage_distill(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
-    from . import distill
+    """Rejection-sampled traces of the RL model on training prompts (R1 §3: distillation), SFT into a student."""
+    from . import synthetic
+    from .distill import GenerateConfig, SFTConfig, generate, sft
 
     out = root / "distill"
-    info = distill.demo_distill(teacher=root / "models" / "rl", out=out, task=plan.task,
-                                task_options=plan.task_options, n_prompts=plan.distill_prompts,
-                                samples=plan.distill_samples, max_new_tokens=plan.rl_max_new,
-                                student_preset=plan.student_preset,
-                                student_overrides={"vocab_size": plan.vocab_size, **plan.student_overrides},
-                                steps=plan.distill_steps, budget=plan.distill_budget, seq_len=plan.seq_len)
-    _publish(Path(info["student"]), root / "models" / "student")
-    return {k: v for k, v in info.items() if k != "student"}
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"  # the demo's difficulty; held-out items are never used here
+    if not prompts.exists():
+        items = synthetic.generate(plan.task, plan.distill_prompts, "train", 7, **plan.task_options)
+        prompts.write_text("".join(json.dumps({k: v for k, v in it.items() if k != "reasoning"}) + "\n"
+                                   for it in items))
+    t0 = time.perf_counter()
+    stats = generate(GenerateConfig(out=str(out / "traces"), teacher=str(root / "models" / "rl"),
+                                    prompts=str(prompts), verifier=plan.distill_verifier or plan.task,
+                                    samples=plan.distill_samples,
+                                    max_tokens=plan.rl_max_new, progress=True, seed=0))
+    left = max(10.0, plan.distill_budget - (time.perf_counter() - t0))
+    overrides = [f"max_steps={plan.distill_steps}", f"max_time={left}", f"seq_len={plan.seq_len}",
+                 f"batch_size={plan.batch_size}", "lr=3e-3", "progress=true", "save_every=0", "keep_last=1",
+                 *(f"model.{k}={v!r}" if isinstance(v, str) else f"model.{k}={v}"
+                   for k, v in plan.student_overrides.items())]
+    acc = stats.get("accepted", 0)
+    traces = out / "traces"
+    if not acc and not plan.fast:
+        console.print("[yellow]rejection sampling accepted no trace: the RL model solved none of the training "
+                      "prompts, so there is nothing to distill; the student is skipped[/]")
+        return {"traces": 0, "skipped": "no verified traces"}
+    if not acc:  # --fast: a toy teacher writes no complete trace; exercise SFT on the reference solutions instead
+        traces = out / "reference_traces.jsonl"
+        items = synthetic.generate(plan.task, plan.distill_prompts, "train", 7, **plan.task_options)
+        traces.write_text("".join(json.dumps({"messages": synthetic.to_messages(it)}) + "\n" for it in items))
+        console.print("[yellow]--fast: no teacher trace accepted; the toy student trains on reference solutions[/]")
+    res = sft(SFTConfig(traces=str(traces), out=str(out / "student"), preset=plan.student_preset,
+                        tokenizer=str(root / "models" / "rl"), overrides=overrides))
+    _publish(Path(res["final_model"]), root / "models" / "student")
+    console.print(f"traces: {acc} accepted of {stats.get('samples')} sampled; student "
+                  f"trained {res['train']['step']} steps on {res['data_tokens']:,} tokens")
+    return {"traces": acc, "steps": res["train"]["step"]}
 
 
 def stage_eval(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:

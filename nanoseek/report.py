@@ -91,8 +91,8 @@ def write_report(root: Path, plan: Any) -> Path:
         lines.append(f"| {k} | {v} |")
     lines += ["", "## Stages", "", "| stage | wall time | budget | notes |", "|---|---|---|---|"]
     for name, s in stages.items():
-        notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("steps", "status", "tokens", "documents",
-                                                                       "kept", "traces"))
+        notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("steps", "stopped_by", "tokens", "documents",
+                                                                       "traces", "skipped"))
         lines.append(f"| {name} | {s['seconds']:.0f}s | {s.get('budget', 0):.0f}s | {notes} |")
     total = sum(s["seconds"] for s in stages.values())
     lines += ["", f"Total: **{total / 60:.1f} min** (installation not included).", ""]
