@@ -91,6 +91,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .infer import run_generate
+
+    ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()] if args.prompt_ids else None
+    return run_generate(args.model, args.prompt, ids, max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, speculative=args.draft_tokens if args.speculative else 0,
+                        chat=args.chat, ignore_eos=args.ignore_eos)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -177,6 +186,206 @@ def _add_tokenizer_and_data_commands(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_data_synth)
 
 
+def cmd_distill_generate(args: argparse.Namespace) -> int:
+    from .distill import FilterConfig, GenerateConfig, generate, print_stats
+
+    flt = FilterConfig(min_score=args.min_score, require_verified=args.require_verified,
+                       max_completion_tokens=args.max_completion_tokens, max_chars=args.max_chars,
+                       max_foreign_frac=None if args.max_foreign_frac < 0 else args.max_foreign_frac,
+                       min_compression_ratio=None if args.min_compression_ratio < 0 else args.min_compression_ratio,
+                       max_paragraph_chars=args.max_paragraph_chars, drop_code_blocks=args.drop_code_blocks,
+                       dedup=not args.no_dedup, max_per_prompt=args.max_per_prompt)
+    stats = generate(GenerateConfig(
+        out=args.out, teacher=args.teacher, teacher_url=args.teacher_url, teacher_model=args.teacher_model,
+        api_key=args.api_key, prompts=args.prompts, n_prompts=args.n_prompts, split=args.split, samples=args.samples,
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
+        filter=flt, batch_prompts=args.batch_prompts, concurrency=args.concurrency, retries=args.retries,
+        backoff=args.backoff, timeout=args.timeout, seed=args.seed, overwrite=args.overwrite,
+        answer_instruction=not args.no_answer_instruction, progress=not args.json))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print_stats(stats, Console())
+        Console().print(f"{stats['accepted']:,} traces -> [bold]{args.out}/traces.jsonl[/] (statistics in stats.json)")
+    return 1 if stats["prompts_failed"] else 0
+
+
+def cmd_distill_sft(args: argparse.Namespace) -> int:
+    from .distill import SFTConfig, sft
+
+    s = sft(SFTConfig(traces=args.traces, out=args.out, student=args.student, preset=args.preset,
+                      tokenizer=args.tokenizer, epochs=args.epochs, config=args.config, overrides=args.overrides,
+                      resume=args.resume))
+    Console().print(f"SFT on {s['traces']:,} traces ({s['max_steps']} steps, seq_len {s['seq_len']}, "
+                    f"{s['train_flops']:.3g} training FLOPs); student: [bold]{s['final_model']}[/]")
+    return 0
+
+
+def cmd_distill_kd(args: argparse.Namespace) -> int:
+    from .distill import KDConfig, kd
+
+    s = kd(KDConfig(teacher=args.teacher, student=args.student, out=args.out, data=args.data, prompts=args.prompts,
+                    divergence=args.divergence, beta=args.beta, temperature=args.temperature,
+                    lmbda=1.0 if args.on_policy else args.lmbda, ce_weight=args.ce_weight,
+                    max_new_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size,
+                    seq_len=args.seq_len, lr=args.lr, seed=args.seed, resume=args.resume))
+    Console().print(f"KD finished at step {s['steps']}: held-out KL(teacher||student) {s['kl_start']:.4f} -> "
+                    f"{s['kl_end']:.4f}; student: [bold]{s['final_model']}[/]")
+    return 0
+
+
+def cmd_distill_experiment(args: argparse.Namespace) -> int:
+    from .distill import ExperimentConfig, experiment
+
+    experiment(ExperimentConfig(out=args.out, fast=args.fast, seed=args.seed))
+    return 0
+
+
+def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
+    dp = sub.add_parser("distill", help="R1-style distillation: teacher traces, SFT students, logit KD",
+                        description="See docs/distill.md.")
+    dsub = dp.add_subparsers(dest="distill_command", required=True, metavar="COMMAND")
+    sp = dsub.add_parser("generate", help="sample reasoning traces from a teacher, keep the verified ones (resumable)")
+    t = sp.add_mutually_exclusive_group(required=True)
+    t.add_argument("--teacher", help="a model directory (nanoseek's engine)")
+    t.add_argument("--teacher-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    sp.add_argument("--teacher-model", help="model name at --teacher-url (default: its only model)")
+    sp.add_argument("--api-key", default=None, help="API key (default $OPENAI_API_KEY; never written to disk)")
+    sp.add_argument("--prompts", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt/messages)")
+    sp.add_argument("--n-prompts", type=int, default=None, help="built-in tasks: how many (200); files: first N")
+    sp.add_argument("--split", choices=("train", "test"), default="train", help="built-in tasks' split")
+    sp.add_argument("--samples", type=int, default=4, help="K samples per prompt (default 4)")
+    sp.add_argument("--out", required=True, help="directory: traces.jsonl, samples.jsonl (log), stats.json")
+    sp.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1's recommendation)")
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample (longer: rejected)")
+    sp.add_argument("--verifier", default=None,
+                    help="arithmetic | countdown | math_verify | none | module:fn (default: the task's)")
+    sp.add_argument("--min-score", type=float, default=1.0, help="verifier score to accept (default 1.0)")
+    sp.add_argument("--require-verified", action="store_true", help="drop prompts the verifier cannot check")
+    sp.add_argument("--max-completion-tokens", type=int, default=None, help="drop longer traces")
+    sp.add_argument("--max-chars", type=int, default=None, help="drop traces with more characters")
+    sp.add_argument("--max-foreign-frac", type=float, default=0.05,
+                    help="drop mixed-language traces: share of words outside the prompt's script (-1: off)")
+    sp.add_argument("--min-compression-ratio", type=float, default=0.1,
+                    help="drop degenerate repetition: zlib ratio below this (-1: off)")
+    sp.add_argument("--max-paragraph-chars", type=int, default=None, help="drop traces with a longer paragraph")
+    sp.add_argument("--drop-code-blocks", action="store_true", help="drop reasoning with ``` code blocks (R1)")
+    sp.add_argument("--no-dedup", action="store_true", help="keep duplicate traces")
+    sp.add_argument("--max-per-prompt", type=int, default=None, help="keep at most N traces per prompt")
+    sp.add_argument("--no-answer-instruction", action="store_true",
+                    help="do not append the <answer> tag instruction to prompts")
+    sp.add_argument("--batch-prompts", type=int, default=16, help="local teacher: prompts per engine batch")
+    sp.add_argument("--concurrency", type=int, default=8, help="remote teacher: requests in flight (default 8)")
+    sp.add_argument("--retries", type=int, default=5, help="remote teacher: retries per request (default 5)")
+    sp.add_argument("--backoff", type=float, default=1.0, help="remote teacher: first backoff in seconds")
+    sp.add_argument("--timeout", type=float, default=600.0, help="remote teacher: seconds per request")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    sp.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    sp.set_defaults(func=cmd_distill_generate)
+
+    sp = dsub.add_parser("sft", help="SFT a student on traces (reasoning-keeping chat render)",
+                         description="Extra KEY=VALUE arguments are TrainConfig overrides (docs/training.md).")
+    s = sp.add_mutually_exclusive_group(required=True)
+    s.add_argument("--student", help="a model directory (with tokenizer) to fine-tune")
+    s.add_argument("--preset", help="a fresh student from a preset (tiny, small, ...)")
+    sp.add_argument("--traces", required=True, help="traces.jsonl or a `distill generate` directory")
+    sp.add_argument("--tokenizer", help="with --preset: tokenizer directory (default: a local teacher's)")
+    sp.add_argument("--out", required=True, help="run directory; the student is written to OUT/final")
+    sp.add_argument("--epochs", type=float, default=2.0, help="passes over the traces, unless max_steps=N is given")
+    sp.add_argument("--config", help="a TOML file of TrainConfig fields")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides")
+    sp.set_defaults(func=cmd_distill_sft)
+
+    sp = dsub.add_parser("kd", help="logit distillation (shared vocabulary): forward/reverse KL, JSD, on-policy")
+    sp.add_argument("--teacher", required=True, help="teacher model directory (with tokenizer)")
+    sp.add_argument("--student", required=True, help="student model directory (same vocabulary)")
+    sp.add_argument("--out", required=True, help="run directory; the student is written to OUT/final")
+    sp.add_argument("--data", help="a prepared directory (`nanoseek data prepare`) or chat traces (.jsonl/dir)")
+    sp.add_argument("--prompts", help="on-policy prompts: arithmetic | countdown | FILE.jsonl")
+    sp.add_argument("--divergence", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    sp.add_argument("--beta", type=float, default=0.5, help="JSD interpolation (0 forward KL, 1 reverse KL)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="softening temperature (loss x T^2)")
+    sp.add_argument("--lmbda", type=float, default=0.0, help="share of on-policy steps (GKD's lambda)")
+    sp.add_argument("--on-policy", action="store_true", help="every step on student samples (lmbda 1)")
+    sp.add_argument("--ce-weight", type=float, default=0.0, help="+ cross-entropy on the data's targets")
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="on-policy completion length")
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=5e-4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    sp.set_defaults(func=cmd_distill_kd)
+
+    sp = dsub.add_parser("experiment", help="distillation vs GRPO on a small student (docs/findings/distill-vs-rl.md)")
+    sp.add_argument("--out", default="runs/distill-vs-rl")
+    sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_distill_experiment)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    return serve(ServeConfig(
+        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len, chat_template=args.chat_template,
+        reasoning_parser=args.reasoning_parser, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes, num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+        log_level=args.log_level))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args.model, args.url, api_key=args.api_key, served_model=args.served_model, system=args.system,
+                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                    show_thinking=args.show_thinking, color=args.color, max_model_len=args.max_model_len,
+                    reasoning_parser=args.reasoning_parser)
+
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("serve", help="OpenAI-compatible API server (+ web chat at /)",
+                        description="See docs/serving.md. Binds 127.0.0.1 unless --host says otherwise.")
+    sp.add_argument("--model", required=True, help="model directory (with its tokenizer files)")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", default=None, help="require this bearer key (default $NANOSEEK_API_KEY, if set)")
+    sp.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    sp.add_argument("--max-model-len", type=int, default=None, help="context length (default min(model's, 4096))")
+    sp.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
+    sp.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
+                    help="split <think>...</think> into reasoning_content (auto: if the chat template uses <think>)")
+    sp.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    sp.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before 429")
+    sp.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body limit (413 above it)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP speculative decoding drafts")
+    sp.add_argument("--seed", type=int, default=None, help="engine seed for unseeded requests")
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("chat", help="terminal chat with a model directory (in-process) or a server URL")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model directory: runs the engine in this process")
+    g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    sp.add_argument("--api-key", default=None, help="with --url (default $NANOSEEK_API_KEY)")
+    sp.add_argument("--served-model", default=None, help="with --url: model name (default: the first listed)")
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--max-tokens", type=int, default=None, help="per answer (default: the rest of the context)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--show-thinking", action="store_true", help="stream the thinking (toggle with /think)")
+    sp.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    sp.add_argument("--max-model-len", type=int, default=None, help="with --model: context length")
+    sp.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
+                    help="with --model: split <think>...</think> (auto: if the chat template uses <think>)")
+    sp.set_defaults(func=cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -243,12 +452,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="directory for items.jsonl, summary.json and summary.md")
     sp.set_defaults(func=cmd_eval)
 
+    sp = sub.add_parser("generate", help="generate from an HF-format model directory (streams to stdout)")
+    sp.add_argument("--model", required=True, help="model directory (its tokenizer files are used when present)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 0,5,17")
+    sp.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat template")
+    sp.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    sp.add_argument("--temperature", type=float, default=None,
+                    help="0 = greedy (default: generation_config.json, else 1)")
+    sp.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: generation_config.json)")
+    sp.add_argument("--seed", type=int, default=None, help="sampling seed")
+    sp.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    sp.add_argument("--speculative", action="store_true", help="MTP speculative decoding (V3 report 5.4.3)")
+    sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
+    sp.set_defaults(func=cmd_generate)
+
     sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in about a minute")
     sp.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
     sp.set_defaults(func=cmd_demo)
     _add_tokenizer_and_data_commands(sub)
+    _add_distill_commands(sub)
+    _add_serve_commands(sub)
     return p
 
 

@@ -1,0 +1,322 @@
+"""`nanoseek chat`: a terminal chat that streams the answer and shows R1's thinking dimmed and collapsible.
+
+Two backends behind one `stream(messages, sampling)` generator of ("reasoning" | "content", text) events:
+LocalBackend runs the engine in this process (no server), HTTPBackend talks to any OpenAI-compatible server
+(`nanoseek serve`, vLLM, DeepSeek's API) over streamed chat completions. The REPL keeps the conversation (answers
+only: R1's template drops past reasoning anyway) and has a few slash commands (/help).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .serve import ReasoningSplitter, detect_reasoning
+from .tokenizer import END_THINK
+
+HELP = """commands:
+  /think          show or hide the thinking while it streams (hidden: one summary line)
+  /thoughts       print the last answer's thinking
+  /system TEXT    set the system prompt (/system alone clears it)
+  /reset          forget the conversation
+  /exit           quit (also Ctrl-D); Ctrl-C stops a generation"""
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+@dataclass
+class TurnStats:
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class LocalBackend:
+    """The engine in this process: one request at a time, stepped by the REPL's own thread."""
+
+    def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None, reasoning_parser: str = "auto",
+                 seed: int | None = None) -> None:
+        from .infer import Engine
+        from .tokenizer import Tokenizer
+        from .weights import load
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {model_dir}: chat needs the model's tokenizer")
+        self.tokenizer = Tokenizer.load(model_dir)
+        self.engine = Engine(load(model_dir).eval(), self.tokenizer, max_batch=1, max_model_len=max_model_len,
+                             seed=seed)
+        self.name = model_dir.resolve().name
+        self.reasoning = detect_reasoning(self.tokenizer, reasoning_parser)
+        self.end_think = self.tokenizer.tok.token_to_id(END_THINK)
+        self.defaults: dict[str, float] = {}
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            g = json.loads(gen.read_text())
+            self.defaults = {k: float(g[k]) for k in ("temperature", "top_p") if isinstance(g.get(k), int | float)}
+        self.stats = TurnStats()
+
+    def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        from .infer import SamplingParams
+
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            raise ChatError(f"the conversation is {len(ids)} tokens, the context is {self.engine.max_model_len}: "
+                            "/reset to start over")
+        params = SamplingParams(
+            max_tokens=min(sampling.get("max_tokens") or room, room), seed=sampling.get("seed"),
+            temperature=sampling.get("temperature", self.defaults.get("temperature", 1.0)),
+            top_p=sampling.get("top_p", self.defaults.get("top_p", 1.0)))
+        rid = self.engine.add_request(ids, params)
+        splitter = ReasoningSplitter(self.reasoning, self.end_think)
+        self.stats = TurnStats()
+        done = False
+        try:
+            while not done:
+                for d in self.engine.step():
+                    if d.request_id != rid:
+                        continue
+                    r, c = splitter.feed(d.text, d.token_ids)
+                    if d.finished:
+                        r2, c2 = splitter.finish()
+                        r, c, done = r + r2, c + c2, True
+                        self.stats = TurnStats(d.finish_reason, d.completion_tokens, splitter.reasoning_tokens)
+                    if r:
+                        yield "reasoning", r
+                    if c:
+                        yield "content", c
+        finally:
+            if not done:  # Ctrl-C: free the row so the next turn starts from an idle engine
+                self.engine.abort(rid)
+                while self.engine.has_work():
+                    self.engine.step()
+
+
+class HTTPBackend:
+    """Any OpenAI-compatible server: streamed /v1/chat/completions, reasoning from `reasoning_content` (DeepSeek,
+    vLLM) or `reasoning` (vLLM's newer name). Standard library only, so it needs no client package."""
+
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600) -> None:
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.api_key, self.timeout = api_key, timeout
+        self.name = model or self._first_model()
+        self.stats = TurnStats()
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:  # not an OpenAI-shaped error body
+                message = e.reason
+            raise ChatError(f"{e.code}: {message}") from None
+        except urllib.error.URLError as e:
+            raise ChatError(f"cannot reach {self.base}: {e.reason}") from None
+
+    def _first_model(self) -> str:
+        with self._request("/v1/models") as r:
+            data = json.loads(r.read())["data"]
+        if not data:
+            raise ChatError(f"{self.base} serves no model")
+        return data[0]["id"]
+
+    def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        body = {"model": self.name, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+                **{k: v for k, v in sampling.items() if v is not None}}
+        self.stats = TurnStats()
+        with self._request("/v1/chat/completions", body) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ChatError(chunk["error"].get("message", "error"))
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    self.stats.completion_tokens = u.get("completion_tokens", 0)
+                    self.stats.reasoning_tokens = (u.get("completion_tokens_details") or {}).get(
+                        "reasoning_tokens", 0)
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta") or {}
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:
+                        yield "reasoning", reasoning
+                    if delta.get("content"):
+                        yield "content", delta["content"]
+                    if choice.get("finish_reason"):
+                        self.stats.finish_reason = choice["finish_reason"]
+
+
+class Style:
+    def __init__(self, color: bool) -> None:
+        self.color = color
+
+    def dim(self, s: str) -> str:
+        return f"\x1b[2m{s}\x1b[0m" if self.color and s else s
+
+    def bold(self, s: str) -> str:
+        return f"\x1b[1m{s}\x1b[0m" if self.color and s else s
+
+
+def _use_color(mode: str, out: TextIO) -> bool:
+    if mode != "auto":
+        return mode == "always"
+    return out.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+class ChatREPL:
+    def __init__(self, backend: LocalBackend | HTTPBackend, *, system: str | None = None,
+                 sampling: dict[str, Any] | None = None, show_thinking: bool = False, color: str = "auto",
+                 out: TextIO = sys.stdout) -> None:
+        self.backend, self.system, self.sampling = backend, system, dict(sampling or {})
+        self.show_thinking, self.out = show_thinking, out
+        self.style = Style(_use_color(color, out))
+        self.history: list[dict[str, str]] = []
+        self.last_reasoning = ""
+
+    def write(self, s: str) -> None:
+        self.out.write(s)
+        self.out.flush()
+
+    def run(self, read: Callable[[str], str] = input) -> int:
+        self.write(self.style.bold(f"nanoseek chat with {self.backend.name}") + self.style.dim(
+            " (/help for commands, /exit to quit)") + "\n")
+        while True:
+            try:
+                line = read("> ")
+            except EOFError:
+                self.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                self.write("\n")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line):
+                    return 0
+                continue
+            self.turn(line)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; True to quit."""
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/exit", "/quit"):
+            return True
+        if cmd == "/reset":
+            self.history.clear()
+            self.last_reasoning = ""
+            self.write(self.style.dim("(conversation cleared)") + "\n")
+        elif cmd == "/system":
+            self.system = arg or None
+            self.write(self.style.dim(f"(system prompt {'set' if arg else 'cleared'})") + "\n")
+        elif cmd == "/think":
+            self.show_thinking = not self.show_thinking
+            self.write(self.style.dim(f"(thinking {'shown' if self.show_thinking else 'hidden'})") + "\n")
+        elif cmd == "/thoughts":
+            self.write(self.style.dim(self.last_reasoning or "(no thinking in the last answer)") + "\n")
+        elif cmd == "/help":
+            self.write(HELP + "\n")
+        else:
+            self.write(f"unknown command {cmd}; /help lists them\n")
+        return False
+
+    def turn(self, text: str) -> None:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        reasoning, answer = [], []
+        mode = "start"  # start -> reasoning -> content
+        t0 = time.perf_counter()
+        interrupted = False
+        events = self.backend.stream(messages, self.sampling)
+        try:
+            for kind, piece in events:
+                if kind == "reasoning":
+                    if mode == "start":
+                        self.write(self.style.dim("thinking: " if self.show_thinking else "(thinking… "))
+                        mode = "reasoning"
+                    reasoning.append(piece)
+                    if self.show_thinking:
+                        self.write(self.style.dim(piece))
+                else:
+                    if mode == "reasoning":
+                        self._end_thinking(reasoning)
+                    mode = "content"
+                    answer.append(piece)
+                    self.write(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+        except ChatError as e:
+            self.write(f"\nerror: {e}\n")
+            return
+        finally:
+            events.close()  # an interrupted local generation aborts its engine request here
+        if mode == "reasoning":
+            self._end_thinking(reasoning)
+            self.write(self.style.dim("(no answer: the output ended inside the thinking)"))
+        self.last_reasoning = "".join(reasoning)
+        stats = self.backend.stats
+        secs = time.perf_counter() - t0
+        info = ["interrupted"] if interrupted else []
+        if stats.completion_tokens:
+            info.append(f"{stats.completion_tokens} tokens"
+                        + (f" ({stats.reasoning_tokens} thinking)" if stats.reasoning_tokens else "")
+                        + f", {stats.completion_tokens / secs:.1f} tok/s")
+        if stats.finish_reason and not interrupted:
+            info.append(f"finish: {stats.finish_reason}")
+        self.write("\n" + self.style.dim(f"[{', '.join(info)}]") + "\n")
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
+
+    def _end_thinking(self, reasoning: list[str]) -> None:
+        if self.show_thinking:
+            self.write("\n\n")
+        else:
+            words = len("".join(reasoning).split())
+            self.write(self.style.dim(f"{words} word{'s' if words != 1 else ''}; /thoughts shows it)") + "\n")
+
+
+def run_chat(model: str | None = None, url: str | None = None, *, api_key: str | None = None,
+             served_model: str | None = None, system: str | None = None, temperature: float | None = None,
+             top_p: float | None = None, max_tokens: int | None = None, seed: int | None = None,
+             show_thinking: bool = False, color: str = "auto", max_model_len: int | None = None,
+             reasoning_parser: str = "auto") -> int:
+    """`nanoseek chat`: the REPL on stdin/stdout against a local model directory or a server URL."""
+    if (model is None) == (url is None):
+        raise ValueError("give exactly one of --model DIR or --url URL")
+    backend: LocalBackend | HTTPBackend
+    if model is not None:
+        backend = LocalBackend(model, max_model_len=max_model_len, reasoning_parser=reasoning_parser, seed=seed)
+    else:
+        try:
+            backend = HTTPBackend(url, api_key or os.environ.get("NANOSEEK_API_KEY"), served_model)  # type: ignore
+        except ChatError as e:
+            raise ValueError(str(e)) from None
+    if sys.stdin.isatty():
+        import readline  # noqa: F401 - line editing and history for input()
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens),
+                                  ("seed", seed)) if v is not None}
+    repl = ChatREPL(backend, system=system, sampling=sampling, show_thinking=show_thinking, color=color)
+    return repl.run()
