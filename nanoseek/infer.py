@@ -2,7 +2,7 @@
 and speculative decoding with the model's own MTP module as the draft (DeepSeek-V3 report section 5.4.3).
 
 Read top to bottom: SamplingParams / RequestOutput (the API) -> CacheRows (a KVCache view of some rows) ->
-sampling (process_logits: penalties, temperature, top-k, top-p, min-p; exponential-race draws) -> incremental
+sampling (process_logits: penalties, temperature, top-k, top-p, min-p; inverse-CDF draws) -> incremental
 detokenisation with stop strings -> Engine (add_request / step / abort) -> generate() and the CLI entry point.
 docs/inference.md has the design notes and the measured numbers.
 """
@@ -25,7 +25,6 @@ import torch
 from .model import KVCache, Transformer
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
-FINISH_REASONS = ("stop", "length", "abort")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,6 +554,8 @@ class Engine:
     # ---- public API -------------------------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
+        """Queue a request (token ids, or text with a tokenizer: BOS is prepended). request_id, when given, must be
+        unique among the live requests; by default "0", "1", ..."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
