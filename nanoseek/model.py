@@ -533,7 +533,7 @@ class KVCache:
 
     def commit(self) -> None:
         assert self._slots is not None
-        self.lengths = self._slots[:, -1] + 1
+        self.lengths.copy_(self._slots[:, -1] + 1)  # in place: views of `lengths` (engine row views) stay valid
         self._slots = None
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:

@@ -61,14 +61,14 @@ def test_length_shaping():
 
 def test_grpo_raises_a_learnable_reward(tiny_dir, tmp_path):
     cfg = RLConfig(model=str(tiny_dir), task="arithmetic", rewards=["tests.reward_plugins:digit_fraction"],
-                   replace_rewards=True, out=str(tmp_path), steps=30, group_size=8, batch_prompts=2,
-                   max_new_tokens=16, lr=3e-3, loss="dapo", eval_n=0, save_every=0, sample_every=10,
+                   replace_rewards=True, out=str(tmp_path), steps=40, group_size=8, batch_prompts=2,
+                   max_new_tokens=16, lr=5e-3, loss="dapo", eval_n=0, save_every=0, sample_every=10,
                    progress=False)
     summary = rl(cfg)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["reward_mean"] for r in recs[:5]) / 5
     last = sum(r["reward_mean"] for r in recs[-5:]) / 5
-    assert last > first + 0.15, (first, last)
+    assert last > first + 0.1 and last > 3 * first, (first, last)  # digits went from rare to common
     assert (tmp_path / "rl.png").stat().st_size > 1000 and (tmp_path / "samples.jsonl").exists()
     for key in ("kl", "clip_frac", "entropy", "zero_var_frac", "len_mean", "rollout_tok_s", "logprob_mismatch"):
         assert key in recs[-1]
