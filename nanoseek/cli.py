@@ -235,9 +235,9 @@ def cmd_distill_kd(args: argparse.Namespace) -> int:
 
 
 def cmd_distill_experiment(args: argparse.Namespace) -> int:
-    from .distill import ExperimentConfig, experiment
+    from .distill import experiment, experiment_config
 
-    experiment(ExperimentConfig(out=args.out, fast=args.fast, seed=args.seed))
+    experiment(experiment_config(args.overrides, out=args.out, fast=args.fast, seed=args.seed))
     return 0
 
 
@@ -324,6 +324,8 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", default="runs/distill-vs-rl")
     sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ExperimentConfig fields, e.g. "
+                    "student_rl_steps=400 'student_rl_lrs=[1e-4, 3e-5]'")
     sp.set_defaults(func=cmd_distill_experiment)
 
 
@@ -384,6 +386,47 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
                     help="with --model: split <think>...</think> (auto: if the chat template uses <think>)")
     sp.set_defaults(func=cmd_chat)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import command
+
+    return command(args)
+
+
+def _add_audit_command(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("audit", help="measure refusal and deflection of any OpenAI-compatible model (en/zh/ja)",
+                        description="See docs/audit.md. Resumable: rerun the same command to continue.")
+    sp.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    sp.add_argument("--model", default=None, help="model name at --url (default: the endpoint's only model)")
+    sp.add_argument("--api-key", default=None, help="API key (default $OPENAI_API_KEY; never written to disk)")
+    sp.add_argument("--suite", default="builtin", help="builtin | FILE.jsonl (schema in docs/audit.md)")
+    sp.add_argument("--lang", default="en,zh,ja", help="languages, comma-separated (default en,zh,ja)")
+    sp.add_argument("--kinds", default=None, help="only these kinds, e.g. sensitive,control_history")
+    sp.add_argument("--categories", default=None, help="only these categories, e.g. tiananmen,taiwan")
+    sp.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke runs)")
+    sp.add_argument("--samples", type=int, default=3, help="answers per prompt (default 3)")
+    sp.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1's recommendation)")
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--max-tokens", type=int, default=4096, help="reasoning + answer tokens (default 4096)")
+    sp.add_argument("--system", default=None, help="a system prompt (default none)")
+    sp.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds")
+    sp.add_argument("--no-seed", action="store_true", help="do not send a seed (endpoints that reject it)")
+    sp.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    sp.add_argument("--rps", type=float, default=None, help="at most this many requests per second")
+    sp.add_argument("--retries", type=int, default=5, help="retries per request, with exponential backoff")
+    sp.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    sp.add_argument("--judge-url", default=None, help="an OpenAI-compatible endpoint for an LLM judge (optional)")
+    sp.add_argument("--judge-model", default=None, help="the judge's model name")
+    sp.add_argument("--judge-api-key", default=None, help="the judge's key (default $NANOSEEK_JUDGE_API_KEY)")
+    sp.add_argument("--stop-after", type=int, default=None, help="stop after N new answers (resume later)")
+    sp.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    sp.add_argument("--report-only", action="store_true", help="rebuild the report of --out without asking")
+    sp.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                    help="compare two audit directories (McNemar, Holm); writes compare.{md,json,png} to --out")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.set_defaults(func=cmd_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_and_data_commands(sub)
     _add_distill_commands(sub)
     _add_serve_commands(sub)
+    _add_audit_command(sub)
     return p
 
 
