@@ -1223,16 +1223,16 @@ class ExperimentConfig:
     cold_lr: float = 3e-3
     # GRPO (both the teacher and path (a))
     teacher_rl_steps: int = 60
-    student_rl_steps: int = 80
+    student_rl_steps: int = 400
     group_size: int = 8
     batch_prompts: int = 4
     rl_lr: float = 1e-4  # the teacher's GRPO
     # path (a) is run at each of these learning rates and its best result compared: a sweep RL gets and SFT
     # does not, so any tuning advantage goes to RL (the sweep's extra runs are not charged to (a)'s compute)
-    student_rl_lrs: tuple[float, ...] = (1e-4, 5e-4)
+    student_rl_lrs: tuple[float, ...] = (1e-4, 3e-5)  # 5e-4 collapsed in a shorter run (docs/findings)
     max_new_tokens: int = 128
     # path (b): rejection-sampled traces, SFT at matched compute
-    trace_prompts: int = 400  # teacher sampling is charged to (b): 5x the student's FLOPs per token
+    trace_prompts: int = 2000  # teacher sampling is charged to (b): 5x the student's FLOPs per token
     trace_samples: int = 2
     sft_lr: float = 1e-3
     match_compute: bool = True  # SFT steps chosen so (b)'s FLOPs (sampling included) equal (a)'s
@@ -1250,6 +1250,22 @@ class ExperimentConfig:
             self.max_new_tokens, self.trace_prompts, self.trace_samples, self.eval_k = 24, 8, 2, 2
             self.student_rl_lrs = self.student_rl_lrs[:1]
             self.seq_len = 128
+
+
+def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> ExperimentConfig:
+    """An ExperimentConfig from keyword arguments and `key=value` strings (TOML values, as `nanoseek train`)."""
+    from .train import _parse_value, _unknown
+
+    values = dict(kwargs)
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k not in names:
+            raise ValueError(_unknown(k, names, "experiment config key"))
+        values[k] = _parse_value(v)
+    return ExperimentConfig(**values)
 
 
 def rl_flops(model_config: Any, metrics_file: str | os.PathLike, group_size: int, mean_prompt_tokens: float,
@@ -1410,6 +1426,19 @@ def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             "pass@1", "pass@1_ci", "greedy", "greedy_ci", f"cons@{cfg.eval_k}", f"pass@{cfg.eval_k}")},
             "params": load(path).num_params()}
     done("held-out evaluation")
+    a_names = [n for n in results["models"] if n.startswith("(a)")]
+    b_name = "(b) student + distillation"
+    if a_names and b_name in results["models"]:  # paired over the same held-out problems: tighter than two CIs
+        from .eval import bootstrap_ci
+
+        best_a = max(a_names, key=lambda n: results["models"][n]["pass@1"])
+
+        def per_item(name: str) -> list[float]:
+            return [row["pass1"] for row in read_jsonl(out / "eval" / _slug(name) / "items.jsonl")]
+
+        diffs = [b - a for a, b in zip(per_item(best_a), per_item(b_name))]
+        results["b_minus_best_a"] = {"vs": best_a, "pass@1": sum(diffs) / len(diffs),
+                                     "ci": bootstrap_ci(diffs, seed=cfg.seed)}
     results["flops"] = {"teacher_cold_start": f_teacher_cold, "teacher_grpo": f_teacher_rl,
                         "student_cold_start": f_student_cold, "a_student_grpo": f_a,
                         "a_runs": {f"{lr:g}": f for lr, (_, f) in a_runs.items()},
@@ -1453,6 +1482,11 @@ def results_markdown(r: dict[str, Any]) -> str:
               f"| teacher training (cold start + GRPO), not charged to (b) | "
               f"{_fmt_flops(f['teacher_cold_start'] + f['teacher_grpo'])} |",
               f"| (b) total with the teacher's training | {_fmt_flops(f['b_total_with_teacher_training'])} |"]
+    if "b_minus_best_a" in r:
+        d = r["b_minus_best_a"]
+        lo, hi = (100 * x for x in d["ci"])
+        lines += ["", f"(b) - best (a) [{d['vs']}], paired over the held-out problems: pass@1 "
+                  f"{100 * d['pass@1']:+.1f} points (95% bootstrap CI {lo:+.1f} to {hi:+.1f})."]
     t = r["traces"]
     lines += ["", f"Traces: {t['samples']} samples, {t['accepted']} accepted ({100 * t['acceptance_rate']:.1f}%), "
               f"rejected {t['rejected']}; {100 * t['prompt_coverage']:.1f}% of prompts have an accepted trace."]
@@ -1460,26 +1494,49 @@ def results_markdown(r: dict[str, Any]) -> str:
 
 
 def plot_experiment(r: dict[str, Any], png: str | os.PathLike) -> Path:
+    """Left: held-out pass@1 (bars) and greedy accuracy (dots) of every model, 95 % CIs. Right: the student's
+    pass@1 against the training FLOPs spent on it after the shared cold start (teacher sampling included for (b))."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(r["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key in zip(axes, ("pass@1", "greedy")):
-        vals = [r["models"][n][key] for n in names]
-        lo = [v - r["models"][n][f"{key}_ci"][0] for n, v in zip(names, vals)]
-        hi = [r["models"][n][f"{key}_ci"][1] - v for n, v in zip(names, vals)]
-        ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=4,
-               color=["#1f77b4" if n.startswith("(b)") else "#d62728" if n.startswith("(a)") else "#999"
-                      for n in names])
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace(" (", "\n(").replace(" + ", "\n+ ") for n in names], fontsize=7)
-        ax.set_ylabel(f"held-out {key} (95% CI)")
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
+    models = r["models"]
+    names = list(models)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    x = list(range(len(names)))
+    vals = [models[n]["pass@1"] for n in names]
+    err = [[v - models[n]["pass@1_ci"][0] for n, v in zip(names, vals)],
+           [models[n]["pass@1_ci"][1] - v for n, v in zip(names, vals)]]
+    colors = ["#1f77b4" if n.startswith("(b)") else "#d62728" if n.startswith("(a)") else "#999" for n in names]
+    ax.bar(x, vals, yerr=err, capsize=4, color=colors, label="pass@1 (k samples, T 0.6)")
+    g = [models[n]["greedy"] for n in names]
+    gerr = [[v - models[n]["greedy_ci"][0] for n, v in zip(names, g)],
+            [models[n]["greedy_ci"][1] - v for n, v in zip(names, g)]]
+    ax.errorbar([i + 0.25 for i in x], g, yerr=gerr, fmt="o", color="black", ms=4, capsize=2, label="greedy")
+    ax.set_xticks(x)
+    ax.set_xticklabels([textwrap.fill(n, 16) for n in names], fontsize=7)
+    ax.set_ylabel("held-out accuracy (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
     f = r["flops"]
+    points = [("student cold start", 0.0)]
+    points += [(n, f["a_runs"][n.rsplit("lr ", 1)[1]]) for n in names if n.startswith("(a)")]
+    points += [(n, f["b_total"]) for n in names if n.startswith("(b)")]
+    for n, flops in points:
+        m = models.get(n)
+        if m is None:
+            continue
+        c = "#1f77b4" if n.startswith("(b)") else "#d62728" if n.startswith("(a)") else "#999"
+        lo, hi = m["pass@1"] - m["pass@1_ci"][0], m["pass@1_ci"][1] - m["pass@1"]
+        ax2.errorbar([flops], [m["pass@1"]], yerr=[[lo], [hi]], fmt="o", color=c, capsize=3, label=n)
+    ax2.set_xlabel("training FLOPs on the student after the cold start")
+    ax2.set_ylabel("student held-out pass@1 (95% CI)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
     fig.suptitle(f"distillation vs GRPO on the student: (a) {_fmt_flops(f['a_student_grpo'])} FLOPs, "
                  f"(b) {_fmt_flops(f['b_total'])} FLOPs (teacher sampling included)", fontsize=9)
     fig.tight_layout()
