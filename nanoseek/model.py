@@ -590,7 +590,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, expert indices (N, K), scores (N, E) fp32."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as DeepSeek and transformers do
+        with torch.autocast(x.device.type, enabled=False):  # autocast would recast linear to bf16: route in fp32
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
@@ -651,10 +652,13 @@ class Experts(nn.Module):
               w_down: torch.Tensor) -> torch.Tensor:
         """Reference path: one matmul per expert that received tokens (no per-token loop)."""
         outs, start = [], 0
+        # unbind, not w[e]: indexing a stacked parameter makes each expert's backward write a full (E, out, in)
+        # zero gradient (O(E^2) memory traffic)
+        gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
         for e, n in enumerate(counts.tolist()):
             if n:
                 xe = xs[start: start + n]
-                outs.append((F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T)
+                outs.append((F.silu(xe @ gates[e].T) * (xe @ ups[e].T)) @ downs[e].T)
             start += n
         return torch.cat(outs) if outs else xs.new_zeros(0, w_down.shape[1])
 
