@@ -195,8 +195,8 @@ def bench_config(name: str, args: argparse.Namespace, peaks: dict[str, float]) -
     print(f"   fp32 logits max |nanoseek - transformers| = {diff_clean:.2e} over the {int(clean.sum())}/{B} "
           f"sequences with identical routing; {diff:.2e} over all ({flips} of {decisions} token-layer "
           f"routings differ: top-k near-ties); loss {loss_n:.6f} vs {loss_h:.6f}")
-    print(f"   (bf16 autocast, for information: max |diff| {diff16:.2e}; "
-          "routing logits go through autocast too)")
+    print(f"   (bf16 autocast, for information: max |diff| {diff16:.2e}: bf16 rounding differs between the "
+          "two and flips more top-k routing choices)")
     if not diff_clean < 1e-3 or flips > 1e-3 * decisions or abs(loss_n - loss_h) > 1e-3:
         raise SystemExit("fp32 outputs disagree: the comparison would not be apples to apples")
 
@@ -331,11 +331,18 @@ def main(argv: list[str] | None = None) -> None:
            "configs": {}}
     for name in names:
         out["configs"][name] = bench_config(name, args, peaks)
-    # other jobs on a shared machine lower a measured peak (and inflate MFU): measure again to show the spread
+    # other jobs on a shared machine lower a measured peak (and so inflate MFU): measure again at the end and
+    # also give MFU against the best peak seen in the run
     again = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    best = {k: max(peaks[k], again[k]) for k in peaks}
+    out["matmul_peak_gflops_end"], out["matmul_peak_gflops_best"] = again, best
     print(f"\nmatmul peak again at the end: fp32 {again['fp32']:.0f} GFLOP/s, bf16 {again['bf16']:.0f} "
-          "GFLOP/s (MFU above uses the start values)")
-    out["matmul_peak_gflops_end"] = again
+          "GFLOP/s. MFU against the best peak of the run:")
+    for name, res in out["configs"].items():
+        for r in res["results"]:
+            if "tokens_per_s" in r:
+                r["mfu_best_peak"] = r["gflops"] / best[r["dtype"]]
+                print(f"   {name:<6} {r['setting']:<32} {100 * r['mfu_best_peak']:5.1f}%")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

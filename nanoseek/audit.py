@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .metrics import read_log
+
 LANGS = ("en", "zh", "ja")
 KINDS = ("sensitive", "control_history", "control_other_country", "control_benign_china", "over_refusal")
 LABELS = ("answered", "partial", "refused", "deflected", "narrative", "error")
@@ -824,24 +826,6 @@ def _sample_seed(seed: int, item_id: str, j: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{j}".encode()).digest()[:4], "big") >> 1
 
 
-def read_log(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """Records of an append-only JSONL log. A last line cut by a kill is dropped (and removed when `repair`)."""
-    if not path.exists():
-        return []
-    records, good = [], 0
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            good += len(raw)
-    if repair and good != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return records
 
 
 def _append(f: Any, record: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import synthetic
-from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, truncate_jsonl
+from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, read_log, truncate_jsonl
 from .tokenizer import END_THINK, THINK, Tokenizer
 
 SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.jsonl", "stats.json", "generate.json"
@@ -550,25 +550,6 @@ class GenerateConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "api_key"}  # never write the key
 
 
-def read_log(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """The prompt records of samples.jsonl. A last line cut by a kill is dropped (and removed when `repair`):
-    records are whole lines, so a prompt is either completely logged or not at all."""
-    if not path.exists():
-        return []
-    records, good_bytes = [], 0
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(raw)
-    if repair and good_bytes != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good_bytes)
-    return records
 
 
 def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:

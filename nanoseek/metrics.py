@@ -17,6 +17,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def read_log(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
+    """Records of an append-only JSONL log that a kill may have cut mid-line: the cut last line is dropped (and
+    truncated away when `repair`), so every record is whole and a resumed job appends after the last good one."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, good = [], 0
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+            good += len(raw)
+    if repair and good != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return records
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     with Path(path).open("a") as f:
         f.write(json.dumps(record) + "\n")

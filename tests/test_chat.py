@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanoseek.chat import ChatREPL, HTTPBackend, LocalBackend
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
@@ -20,13 +19,8 @@ from .test_serve import ANSWER, REASONING, make_model_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model's ops are too small to split across threads; on a shared 2-core CPU two OpenMP threads make
-    # a decode step 10-50x slower (they wait for each other's core). Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -55,13 +55,8 @@ def make_model_dir(root: Path, reasoning: str = REASONING, answer: str = ANSWER)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model's ops are too small to split across threads; on a shared 2-core CPU two OpenMP threads make
-    # a decode step 10-50x slower (they wait for each other's core). Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
