@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -57,15 +56,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def load_hf(model: Transformer):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """transformers' model on nanoseek's exported weights (shared with benchmarks/forward.py), in eval mode."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from forward import load_hf as load_hf_train
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    return hf.eval()
+    return load_hf_train(model).eval()
 
 
 class Timer:
