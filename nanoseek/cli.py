@@ -57,24 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_rl(args: argparse.Namespace) -> int:
     from .rl import RLConfig, rl
-    from .train import _parse_value
+    from .train import check_keys, parse_overrides
 
     values: dict = {"model": args.model, "task": args.task, "out": args.out, "rewards": args.reward or []}
     for name in ("steps", "group_size", "batch_prompts", "loss", "beta"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    for item in args.overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        values[k.strip()] = _parse_value(v.strip())
-    known = set(RLConfig.__dataclass_fields__)
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], known, 1)
-        raise ValueError(f"unknown RL config key {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    values.update(parse_overrides(args.overrides))
+    check_keys(values, set(RLConfig.__dataclass_fields__), "RL config key")
     summary = rl(RLConfig(**values))
     Console().print(f"RL finished at step {summary['steps']}; final model: [bold]{summary['final_model']}[/]")
     return 0

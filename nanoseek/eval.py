@@ -67,13 +67,10 @@ def majority(answers: list[str | None]) -> str | None:
 
 def normalize_answer(task: str, text: str) -> str | None:
     """The comparable answer of a completion, for majority voting."""
-    ans = synthetic.extract_answer(text)
     if task == "arithmetic":
-        if ans is None:
-            nums = synthetic._LAST_NUMBER.findall(text.rsplit("</think>", 1)[-1])
-            ans = nums[-1] if nums else None
-        v = synthetic._parse_int(ans) if ans else None
+        v = synthetic.arithmetic_answer(text)
         return None if v is None else str(v)
+    ans = synthetic.extract_answer(text)
     if ans is None:
         return None
     return " ".join(ans.split())

@@ -237,13 +237,18 @@ def _parse_int(text: str) -> int | None:
     return None if m is None else int(m.group(1) + m.group(2).replace(",", ""))
 
 
-def verify_arithmetic(item: dict[str, Any], completion: str) -> float:
-    """1.0 for the exact integer, from <answer> tags, or else the last number after the reasoning; 0.0 otherwise."""
+def arithmetic_answer(completion: str) -> int | None:
+    """The integer a completion answers: from <answer> tags, or else the last number after the reasoning."""
     answer = extract_answer(completion)
     if answer is None:
         numbers = _LAST_NUMBER.findall(completion.rsplit("</think>", 1)[-1])
         answer = numbers[-1] if numbers else ""
-    value = _parse_int(answer)
+    return _parse_int(answer)
+
+
+def verify_arithmetic(item: dict[str, Any], completion: str) -> float:
+    """1.0 for the exact integer (see arithmetic_answer); 0.0 otherwise."""
+    value = arithmetic_answer(completion)
     return 1.0 if value is not None and value == int(item["answer"]) else 0.0
 
 

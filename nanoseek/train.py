@@ -108,11 +108,7 @@ class TrainConfig:
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{p} is not valid TOML: {e}") from e
         values.update({k: v for k, v in kwargs.items() if v is not None})
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not key=value")
-            k, v = item.split("=", 1)
-            values[k.strip()] = _parse_value(v.strip())
+        values.update(parse_overrides(overrides))
         names = {f.name for f in dataclasses.fields(cls)}
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for k in list(values):
@@ -124,6 +120,24 @@ class TrainConfig:
             elif k not in names:
                 raise ValueError(_unknown(k, names, "train config key"))
         return cls(**values)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> dict; values parse as TOML (numbers, booleans, lists), bare words stay strings."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = _parse_value(v.strip())
+    return values
+
+
+def check_keys(keys: Any, names: set[str], what: str) -> None:
+    """Reject the first unknown key, suggesting the closest valid name."""
+    for k in keys:
+        if k not in names:
+            raise ValueError(_unknown(k, names, what))
 
 
 def _unknown(key: str, names: set[str], what: str) -> str:
