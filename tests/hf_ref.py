@@ -34,3 +34,19 @@ def randomize_router_bias(model: Transformer, scale: float = 0.05) -> None:
         for r in model.routers():
             if r.e_score_correction_bias is not None:
                 r.e_score_correction_bias.copy_(torch.randn_like(r.e_score_correction_bias) * scale)
+
+
+def make_tiny_model_dir(d, name: str = "model", seed: int = 0):
+    """A random `tiny` model directory with a 512-token tokenizer trained on synthetic arithmetic text."""
+    from pathlib import Path
+
+    from nanoseek import build
+    from nanoseek.synthetic import generate, to_text
+    from nanoseek.tokenizer import train_tokenizer
+
+    d = Path(d)
+    (d / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 300, seed=1)))
+    train_tokenizer([d / "c.txt"], 512, d / "tok")
+    torch.manual_seed(seed)
+    build("tiny").save_pretrained(d / name, tokenizer=d / "tok")
+    return d / name

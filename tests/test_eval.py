@@ -4,12 +4,11 @@ import json
 import math
 
 import pytest
-import torch
 
-from nanoseek import build
 from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, pass_at_k, wilson
-from nanoseek.synthetic import generate, to_text
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.synthetic import generate
+
+from .hf_ref import make_tiny_model_dir
 
 
 def test_pass_at_k_matches_the_combinatorial_definition():
@@ -53,11 +52,8 @@ def test_evaluate_with_a_scripted_sampler(tmp_path):
 
 
 def test_local_model_end_to_end(tmp_path):
-    (tmp_path / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 200)))
-    train_tokenizer([tmp_path / "c.txt"], 512, tmp_path / "tok")
-    torch.manual_seed(0)
-    build("tiny").save_pretrained(tmp_path / "m", tokenizer=tmp_path / "tok")
-    s = evaluate(EvalConfig(model=str(tmp_path / "m"), n=6, k=2, max_tokens=8, out=str(tmp_path / "ev")))
+    model = make_tiny_model_dir(tmp_path)
+    s = evaluate(EvalConfig(model=str(model), n=6, k=2, max_tokens=8, out=str(tmp_path / "ev")))
     assert s["n_items"] == 6 and 0.0 <= s["pass@1"] <= 1.0 and "greedy" in s
 
 

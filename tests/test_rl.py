@@ -5,20 +5,14 @@ import json
 import pytest
 import torch
 
-from nanoseek import build
 from nanoseek.rl import RLConfig, group_advantages, kimi_length_rewards, overlong_penalty, policy_loss, rl
-from nanoseek.synthetic import generate, to_text
-from nanoseek.tokenizer import train_tokenizer
+
+from .hf_ref import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rlmodel")
-    (d / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 300, seed=1)))
-    train_tokenizer([d / "c.txt"], 512, d / "tok")
-    torch.manual_seed(0)
-    build("tiny").save_pretrained(d / "model", tokenizer=d / "tok")
-    return d / "model"
+    return make_tiny_model_dir(tmp_path_factory.mktemp("rlmodel"))
 
 
 def test_group_advantages_by_hand():
