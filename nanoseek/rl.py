@@ -80,6 +80,7 @@ class RLConfig:
     resume: bool = False
     progress: bool = True
     n_train_items: int = 5000
+    ignore_eos: bool = False  # benchmarks: every completion runs to max_new_tokens
 
     def __post_init__(self) -> None:
         errors = []
@@ -340,12 +341,17 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             prompts = [s["prompt"] for s in batch]
             comps = [s["completion"] or [tokenizer.eos_id] for s in batch]
             keep = torch.tensor([not (cfg.overlong == "mask" and s["finish_reason"] == "length") for s in batch])
+            # one update per rollout batch: the old policy *is* the current one, so the old log-probs are the
+            # update pass's own, detached (ratio = 1, gradient unchanged) and their separate forward is skipped
+            reuse_old = cfg.mu == 1 and cfg.mini_batches == 1
+            old_logp = mask = ref_logp = None
             with torch.no_grad(), autocast():
-                old_logp, mask, _ = completion_logprobs(model, prompts, comps, cfg.temperature, tokenizer.pad_id or 0)
-                ref_logp = completion_logprobs(ref, prompts, comps, cfg.temperature, tokenizer.pad_id or 0)[0] \
-                    if ref is not None else None
-            mask = mask & keep[:, None]
-            mismatch = _sampler_mismatch(batch, old_logp, mask)
+                if not reuse_old:
+                    old_logp, mask, _ = completion_logprobs(model, prompts, comps, cfg.temperature,
+                                                            tokenizer.pad_id or 0)
+                    mask = mask & keep[:, None]
+                if ref is not None:
+                    ref_logp = completion_logprobs(ref, prompts, comps, cfg.temperature, tokenizer.pad_id or 0)[0]
             # ---- policy updates -----------------------------------------------------------------------------
             n = len(batch)
             mb = max(1, n // cfg.mini_batches) if n % cfg.mini_batches == 0 else n
@@ -359,6 +365,11 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                         logp, m, ent = completion_logprobs(model, [prompts[j] for j in idx], [comps[j] for j in idx],
                                                            cfg.temperature, tokenizer.pad_id or 0, with_entropy=True)
                         L = logp.shape[1]
+                        if reuse_old:  # idx is the identity permutation's order: store in batch order
+                            old_logp = torch.empty_like(logp)
+                            old_logp[idx] = logp.detach()
+                            mask = torch.empty_like(m)
+                            mask[idx] = m & keep[idx, None]
                         loss, st = policy_loss(
                             logp, old_logp[idx, :L], adv[idx], m & mask[idx, :L], loss_type=cfg.loss,
                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_new_tokens=cfg.max_new_tokens,
@@ -373,6 +384,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                     stats_acc["clip_frac"] += st["clip_frac"]
                     stats_acc["kl"] += st["kl"]
                     n_updates += 1
+            mismatch = _sampler_mismatch(batch, old_logp, mask)
             for r in model.routers():  # router bias frozen during RL: discard the load counts
                 r.expert_load.zero_()
             dt = time.perf_counter() - t0
@@ -431,7 +443,8 @@ def _rollout(engine: Engine, tokenizer: Tokenizer, rewarder: RewardRunner, items
     G = cfg.group_size
     prompts = [format_prompt(it, tokenizer, cfg.prompt_format) for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                             logprobs=0, seed=((cfg.seed * 1_000_003 + step) * 101 + round_) * 10_007 + j)
+                             logprobs=0, ignore_eos=cfg.ignore_eos,
+                             seed=((cfg.seed * 1_000_003 + step) * 101 + round_) * 10_007 + j)
               for j in range(len(items) * G)]
     with autocast():
         outs = engine.generate([p for p in prompts for _ in range(G)], params)

@@ -75,6 +75,9 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     max_time: float | None = None  # seconds; stop (and save) when exceeded
+    # with max_time: after a few timed steps, shrink max_steps to what fits in the remaining time, so the lr
+    # schedule (cosine/WSD decay) completes inside the budget instead of being cut off at peak lr
+    fit_to_time: bool = False
     resume: bool = False
     progress: bool = True
 
@@ -326,6 +329,22 @@ def _save(out: Path, step: int, model: Transformer, opts: list, cfg: TrainConfig
         dist.barrier()
 
 
+_FIT_AFTER = 10  # fit_to_time fixes the run length after this many steps, timing all but the first two
+
+
+def _fit_steps_to_time(cfg: TrainConfig, step: int, per_step: float, elapsed: float, master: bool) -> None:
+    """Shrink cfg.max_steps so the run ends within max_time at the measured speed. The new length is saved with
+    every checkpoint (train_config), so a resumed run keeps it."""
+    assert cfg.max_time is not None
+    fits = step + int(0.97 * max(0.0, cfg.max_time - elapsed) / per_step)  # a small margin for slow steps
+    if fits < cfg.max_steps:
+        if master:
+            print(f"fit_to_time: {per_step:.2f} s/step, max_steps {cfg.max_steps} -> {fits} to end within "
+                  f"max_time {cfg.max_time:.0f} s (the lr schedule completes)")
+        cfg.max_steps = max(fits, step + 1)
+        cfg.fit_to_time = False  # fixed from now on, also for a resumed run
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -347,6 +366,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = load_checkpoint(ckpt, model)  # weights + RNG now; optimizer state once the model is wrapped
         start_step, optimizer_state = state["step"], state.get("optimizer_state")
         batches.load_state_dict(state["data"])
+        saved = state.get("extra", {}).get("train_config", {})
+        if cfg.fit_to_time and saved.get("fit_to_time") is False:  # the run length was already fitted: keep it
+            cfg.max_steps, cfg.fit_to_time = saved["max_steps"], False
         if master:
             truncate_jsonl(out / "metrics.jsonl", start_step)
     elif master and (out / "metrics.jsonl").exists():
@@ -396,12 +418,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     task = progress.add_task("train", total=cfg.max_steps, completed=start_step) if progress else None
     metrics_file = out / "metrics.jsonl"
     t_start = time.perf_counter()
+    fit_at = start_step + _FIT_AFTER if cfg.fit_to_time and cfg.max_time else None
+    t_fit = t_start  # when the timed steps began (after the first two, which pay for warm-up)
     last_good = start_step
     step = start_step
     summary: dict[str, Any] = {"status": "finished"}
     with progress or nullcontext():
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
+            if step == start_step + 2:
+                t_fit = t0
+            if step == fit_at:
+                _fit_steps_to_time(cfg, step, (t0 - t_fit) / (_FIT_AFTER - 2), t0 - t_start, master)
+                if progress:
+                    progress.update(task, total=cfg.max_steps)
             lr = lr_at(step, cfg)
             for o in opts:
                 for g in o.param_groups:
@@ -452,6 +482,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 last_good = step + 1
             if over_time:
                 summary = {"status": "time_budget", "step": step + 1}
+                break
+            if done:  # fit_to_time may have shortened the run below the range's end
                 break
     final = {"step": step + 1 if cfg.max_steps > start_step else start_step, "out": str(out), **summary}
     if cfg.val_data:

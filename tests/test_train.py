@@ -61,6 +61,18 @@ def test_schedules():
     assert lr_at(50, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
 
 
+def test_fit_to_time_completes_the_schedule_within_the_budget(corpus, tmp_path):
+    # 100k steps cannot fit in 4 s: the run is shortened after a few timed steps so that the WSD decay completes
+    res = train(_cfg(corpus, tmp_path, max_steps=100_000, schedule="wsd", decay_ratio=0.5, min_lr_ratio=0.0,
+                     max_time=4.0, fit_to_time=True))
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert res["status"] == "finished" and res["step"] == len(recs) < 100_000
+    assert recs[-1]["lr"] < 0.1 * recs[len(recs) // 3]["lr"]  # decayed, not cut off at peak
+    state = json.loads((tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.json").read_text())
+    saved = state["extra"]["train_config"]  # the fitted length is what a resumed run will use
+    assert saved["max_steps"] == res["step"] and saved["fit_to_time"] is False
+
+
 def test_muon_and_grad_accum_train(corpus, tmp_path):
     recs = None
     train(_cfg(corpus, tmp_path, optimizer="muon", grad_accum=2, max_steps=8, lr=2e-3))
