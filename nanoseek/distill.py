@@ -1410,16 +1410,12 @@ def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     a_names = [n for n in results["models"] if n.startswith("(a)")]
     b_name = "(b) student + distillation"
     if a_names and b_name in results["models"]:  # paired over the same held-out problems: tighter than two CIs
-        from .eval import bootstrap_ci
+        from .eval import paired_difference
 
         best_a = max(a_names, key=lambda n: results["models"][n]["pass@1"])
-
-        def per_item(name: str) -> list[float]:
-            return [row["pass1"] for row in read_jsonl(out / "eval" / _slug(name) / "items.jsonl")]
-
-        diffs = [b - a for a, b in zip(per_item(best_a), per_item(b_name))]
-        results["b_minus_best_a"] = {"vs": best_a, "pass@1": sum(diffs) / len(diffs),
-                                     "ci": bootstrap_ci(diffs, seed=cfg.seed)}
+        d = paired_difference(*(read_jsonl(out / "eval" / _slug(n) / "items.jsonl") for n in (best_a, b_name)),
+                              seed=cfg.seed)
+        results["b_minus_best_a"] = {"vs": best_a, "pass@1": d["mean"], "ci": d["ci"]}
     results["flops"] = {"teacher_cold_start": f_teacher_cold, "teacher_grpo": f_teacher_rl,
                         "student_cold_start": f_student_cold, "a_student_grpo": f_a,
                         "a_runs": {f"{lr:g}": f for lr, (_, f) in a_runs.items()},

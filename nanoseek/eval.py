@@ -52,6 +52,17 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
     return (means[int(0.025 * reps)], means[int(0.975 * reps) - 1])
 
 
+def paired_difference(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], key: str = "pass1",
+                      seed: int = 0) -> dict[str, Any]:
+    """Mean of (b - a) over the items both evaluations share (matched by id; per-item `items.jsonl` rows), with a
+    95 % bootstrap CI over items: paired over the same problems, tighter than comparing two separate CIs."""
+    a = {r["id"]: float(r[key]) for r in rows_a}
+    diffs = [float(r[key]) - a[r["id"]] for r in rows_b if r["id"] in a]
+    if not diffs:
+        raise ValueError("the two evaluations share no item ids: evaluate both on the same held-out items")
+    return {"mean": sum(diffs) / len(diffs), "ci": bootstrap_ci(diffs, seed=seed), "n": len(diffs)}
+
+
 def majority(answers: list[str | None]) -> str | None:
     """The most common non-empty answer; ties go to the earliest sampled."""
     votes = Counter(a for a in answers if a)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__, accounting
+from .eval import paired_difference
 from .metrics import read_jsonl
 from .model import ModelConfig
 
@@ -103,8 +104,10 @@ def write_report(root: Path, plan: Any) -> Path:
         cfg = ModelConfig.from_hf(base / "config.json")
         counts = accounting.count_params(cfg)
         kv = accounting.kv_cache_bytes(cfg)
+        overrides = getattr(plan, "model_overrides", {})
+        narrowed = " with " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
         lines += ["## The model", "",
-                  f"`{plan.preset}` preset: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                  f"`{plan.preset}` preset{narrowed}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                   f"{cfg.num_attention_heads} MLA heads (kv_lora_rank {cfg.kv_lora_rank}, rope dim "
                   f"{cfg.qk_rope_head_dim}), {cfg.n_shared_experts} shared + {cfg.n_routed_experts} routed experts "
                   f"({cfg.num_experts_per_tok} active), {cfg.num_nextn_predict_layers} MTP module(s), vocab "
@@ -150,7 +153,8 @@ def write_report(root: Path, plan: Any) -> Path:
                   "(first vs last fifth of the steps).", "", "![rl](rl.png)", ""]
 
     # ---- evaluation
-    results = {}
+    results: dict[str, Any] = {}
+    stage_summary: dict[str, Any] = {}
     for name in ("base", "rl", "student"):
         f = root / "eval" / name / "summary.json"
         if f.exists():
@@ -171,6 +175,17 @@ def write_report(root: Path, plan: Any) -> Path:
                          f"({_ci(s[f'cons@{k}_ci'])}) |")
         accuracy_chart(results, rep / "accuracy.png", k)
         lines += ["", "![accuracy](accuracy.png)", ""]
+        if "base" in results and "rl" in results:
+            rows = {n: read_jsonl(root / "eval" / n / "items.jsonl") for n in ("base", "rl")}
+            d1 = paired_difference(rows["base"], rows["rl"], "pass1")
+            dg = paired_difference(rows["base"], rows["rl"], "greedy_correct")
+            verdict = ("**RL measurably improved held-out accuracy**" if d1["ci"][0] > 0 else
+                       "**RL did not measurably improve held-out accuracy** (the CI includes 0 or lies below it)")
+            lines += [f"{verdict}: RL - base, paired over the same {d1['n']} problems: pass@1 "
+                      f"{100 * d1['mean']:+.1f} points (95% bootstrap CI {100 * d1['ci'][0]:+.1f} to "
+                      f"{100 * d1['ci'][1]:+.1f}), greedy {100 * dg['mean']:+.1f} points ({100 * dg['ci'][0]:+.1f} "
+                      f"to {100 * dg['ci'][1]:+.1f}).", ""]
+            stage_summary["rl_minus_base"] = {"pass@1": d1, "greedy": dg}
         samples = read_jsonl(root / "eval" / "rl" / "items.jsonl")[:3]
         if samples:
             lines += ["### Sample completions (RL model, greedy)", ""]
@@ -199,6 +214,6 @@ def write_report(root: Path, plan: Any) -> Path:
               "```", ""]
     out = rep / "report.md"
     out.write_text("\n".join(lines))
-    (rep / "report.json").write_text(json.dumps({"environment": env, "stages": stages,
-                                                 "results": results}, indent=1, default=str) + "\n")
+    (rep / "report.json").write_text(json.dumps({"environment": env, "stages": stages, "results": results,
+                                                 **stage_summary}, indent=1, default=str) + "\n")
     return out

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, pass_at_k, wilson
+from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, paired_difference, pass_at_k, wilson
 from nanoseek.synthetic import generate
 
 from .hf_ref import make_tiny_model_dir
@@ -62,3 +62,14 @@ def test_config_errors():
         EvalConfig()
     with pytest.raises(ValueError, match="needs --served-model"):
         EvalConfig(url="http://127.0.0.1:1/v1")
+
+
+def test_paired_difference_matches_items_by_id_and_rejects_disjoint_sets():
+    a = [{"id": f"q{i}", "pass1": 0.0} for i in range(40)]
+    b = [{"id": f"q{i}", "pass1": 1.0 if i < 20 else 0.0} for i in reversed(range(40))]  # order must not matter
+    d = paired_difference(a, b)
+    assert d["n"] == 40 and d["mean"] == pytest.approx(0.5) and 0.3 < d["ci"][0] < 0.5 < d["ci"][1] < 0.7
+    same = paired_difference(a, a)
+    assert same["mean"] == 0 and same["ci"] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="share no item ids"):
+        paired_difference(a, [{"id": "other", "pass1": 1.0}])
