@@ -632,7 +632,12 @@ class Experts(nn.Module):
             dt = torch.get_autocast_dtype(xs.device.type)
         w_gate, w_up, w_down = (p.to(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
         xs = xs.to(dt)
-        if self.use_grouped_mm and self._grouped_ok(xs):
+        padded = None
+        if xs.device.type == "cpu" and not torch.is_grad_enabled():  # inference: few tokens per expert
+            padded = self._padded(xs, flat[order], counts, w_gate, w_up, w_down)
+        if padded is not None:
+            ys = padded
+        elif self.use_grouped_mm and self._grouped_ok(xs):
             offs = counts.cumsum(0).to(torch.int32)
             gmm = torch._grouped_mm
             h = F.silu(gmm(xs, w_gate.transpose(1, 2), offs=offs)) * gmm(xs, w_up.transpose(1, 2), offs=offs)
@@ -641,6 +646,25 @@ class Experts(nn.Module):
             ys = self._loop(xs, counts, w_gate, w_up, w_down)
         ys = ys * w.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    @staticmethod
+    def _padded(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor | None:
+        """All experts as one zero-padded batch, (E, max count, D), through `bmm`. A CPU grouped GEMM is one small
+        matmul per expert; with the few tokens per expert of a decode step (batch 32, top-4 of 32 experts: ~4 rows
+        each) their fixed cost dominates: one bmm per projection took 140 us against 244 us for `_grouped_mm`
+        (E 32, D 256, I 128). Padding rows are zeros and are never read back, so the result equals the grouped
+        path. None when the padding would exceed 3x the real rows (batch 1, skewed routing): the caller falls back."""
+        E, cap = counts.shape[0], int(counts.max())
+        if E * cap > 3 * xs.shape[0]:
+            return None
+        # row of each (sorted) token-expert pair inside its expert's block
+        slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
+        xp = xs.new_zeros(E, cap, xs.shape[1])
+        xp[expert, slot] = xs
+        g, u, d = w_gate, w_up, w_down
+        h = F.silu(torch.bmm(xp, g.transpose(1, 2))) * torch.bmm(xp, u.transpose(1, 2))
+        return torch.bmm(h, d.transpose(1, 2))[expert, slot]
 
     @staticmethod
     def _grouped_ok(xs: torch.Tensor) -> bool:

@@ -160,6 +160,29 @@ def test_grouped_experts_match_per_expert_loop():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_padded_inference_experts_match_the_loop_and_fall_back_on_skew():
+    experts = build("small").layers[1].mlp.experts
+    for p in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(32, 256)
+    idx = torch.stack([torch.randperm(32)[:4] for _ in range(32)])  # a decode step: batch 32, top-4 of 32
+    w = torch.rand(32, 4)
+    with torch.no_grad():
+        counts = torch.bincount(idx.flatten(), minlength=32)
+        order = idx.flatten().argsort(stable=True)
+        xs = x[order // 4]
+        padded = experts._padded(xs, idx.flatten()[order], counts, experts.gate_proj, experts.up_proj,
+                                 experts.down_proj)
+        ref = experts._loop(xs, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+        assert padded is not None and torch.allclose(padded, ref, atol=1e-5)
+        y_inference = experts(x, idx, w)
+    experts.use_grouped_mm = False
+    assert torch.allclose(y_inference, experts(x, idx, w), atol=1e-5)  # grad enabled: the loop path
+    one = idx[:1]  # batch 1: 4 rows would be padded to 32 -> the padded path declines
+    assert experts._padded(x[:4], one.flatten().sort().values, torch.bincount(one.flatten(), minlength=32),
+                           experts.gate_proj, experts.up_proj, experts.down_proj) is None
+
+
 def test_router_bias_stays_fp32_and_only_affects_selection():
     model = build("tiny").to(torch.bfloat16)
     r = model.layers[1].mlp.gate
