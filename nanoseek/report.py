@@ -186,6 +186,15 @@ def write_report(root: Path, plan: Any) -> Path:
                       f"{100 * d1['ci'][1]:+.1f}), greedy {100 * dg['mean']:+.1f} points ({100 * dg['ci'][0]:+.1f} "
                       f"to {100 * dg['ci'][1]:+.1f}).", ""]
             stage_summary["rl_minus_base"] = {"pass@1": d1, "greedy": dg}
+        student = root / "models" / "student" / "config.json"
+        if "student" in results and student.exists():
+            scfg = ModelConfig.from_hf(student)
+            traces = stages.get("distill", {}).get("traces")
+            lines += [f"The student ({scfg.num_hidden_layers} layers, hidden {scfg.hidden_size}, "
+                      f"{accounting.count_params(scfg)['total']:,} parameters) starts from random weights and sees "
+                      f"only the RL model's {traces if traces is not None else 'verified'} rejection-sampled traces "
+                      "(R1 distilled into *pretrained* Qwen/Llama bases), so it learns the format long before the "
+                      "arithmetic.", ""]
         samples = read_jsonl(root / "eval" / "rl" / "items.jsonl")[:3]
         if samples:
             lines += ["### Sample completions (RL model, greedy)", ""]
