@@ -15,7 +15,8 @@ nanoseek: the `step_time` it logs). The model is random (`small` preset, MTP off
 speed does not depend on what the model says when lengths are forced. Medians over the steps after the first.
 Wall time with the machine's torch threads (default 2 here); run alone — these CPUs are shared and noisy.
 
-    .venv/bin/python benchmarks/rl_step.py                   # small, P=4 G=8 N=128, 6 steps each (~6 minutes)
+    .venv/bin/pip install -e '.[bench]'                     # TRL and datasets (the peer)
+    .venv/bin/python benchmarks/rl_step.py                   # small, P=4 G=8 N=128, 6 steps each (~4 minutes)
     .venv/bin/python benchmarks/rl_step.py --quick           # tiny, 3 steps: smoke run
     .venv/bin/python benchmarks/rl_step.py --json out.json
 """
