@@ -73,9 +73,10 @@ def progress_bar(enabled: bool = True):
 
 
 def plot_panels(records: list[dict[str, Any]], png: str | Path, panels: Sequence[tuple[str, Sequence[str]]],
-                x: str = "step") -> Path:
+                x: str = "step", smooth: int = 0) -> Path:
     """One subplot per (title, keys). A key whose values are lists (e.g. MaxVio per layer) draws one line each;
-    records without a key are skipped for that key (e.g. periodic evaluations draw as markers)."""
+    records without a key are skipped for that key (e.g. periodic evaluations draw as markers). smooth > 1 draws
+    dense series faintly with their trailing mean over `smooth` points on top (noisy per-step RL metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +94,15 @@ def plot_panels(records: list[dict[str, Any]], png: str | Path, panels: Sequence
                     ax.plot(xs, [y[i] for y in ys], label=f"{key}[{i}]", lw=1)
             else:
                 sparse = len(pts) < 0.5 * len(records)
-                ax.plot(xs, ys, "o-" if sparse else "-", label=key, lw=1.2, ms=3)
+                if sparse or smooth <= 1 or len(ys) <= smooth:
+                    ax.plot(xs, ys, "o-" if sparse else "-", label=key, lw=1.2, ms=3)
+                    continue
+                (raw,) = ax.plot(xs, ys, "-", lw=0.8, alpha=0.3)
+                csum = [0.0]
+                for y in ys:
+                    csum.append(csum[-1] + y)
+                mean = [(csum[i + 1] - csum[max(0, i + 1 - smooth)]) / min(i + 1, smooth) for i in range(len(ys))]
+                ax.plot(xs, mean, "-", color=raw.get_color(), lw=1.6, label=f"{key} ({smooth}-step mean)")
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)

@@ -489,4 +489,5 @@ def plot_rl(metrics: str | Path, png: str | Path) -> Path:
     recs = [r for r in read_jsonl(metrics) if "event" not in r]
     return plot_panels(recs, png, [("reward / accuracy", ["reward_mean", "accuracy", "format", "eval_accuracy"]),
                                    ("response length (tokens)", ["len_mean", "len_max"]),
-                                   ("KL / clip / entropy", ["kl", "clip_frac", "entropy"])])
+                                   ("KL / clip / entropy", ["kl", "clip_frac", "entropy"])],
+                       smooth=max(1, len(recs) // 12))
