@@ -705,7 +705,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         w, idx, scores = self.gate(flat)
         with torch.no_grad():  # expert load for the aux-loss-free bias update and MaxVio reporting
-            self.gate.expert_load += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).float()
+            # scatter_add, not bincount: a static output shape, so a compiled decode step keeps one graph
+            load = self.gate.expert_load
+            load.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=load.dtype, device=load.device))
         y = self.experts(flat, idx, w).view(B, T, D)  # V3 eq. 12: h' = u + sum shared + sum g_i routed_i
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
