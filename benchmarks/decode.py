@@ -23,6 +23,7 @@ CPU time (`time.thread_time`), which other jobs on the machine do not inflate; `
     .venv/bin/python benchmarks/decode.py               # small + wide, then MTP on small; ~15 minutes
     .venv/bin/python benchmarks/decode.py --quick       # smoke run: small only, short outputs, MTP on tiny
     .venv/bin/python benchmarks/decode.py --json results.json
+    .venv/bin/python benchmarks/decode.py --compile --skip-mtp  # + Engine(compile=True) (~20-40 s compile per shape)
 """
 
 from __future__ import annotations
@@ -135,8 +136,13 @@ def bench_vs_transformers(name: str, args: argparse.Namespace, timer: Timer) -> 
         x = torch.tensor(prompts)
         nanoseek_decode(engine, prompts, replace(params, max_tokens=4), timer.clock)  # warm-up
         hf_decode(hf, x, 4, timer.clock)
-        med, outs = round_robin({"nanoseek": partial(nanoseek_decode, engine, prompts, params, timer.clock),
-                                 "transformers": partial(hf_decode, hf, x, N, timer.clock)}, args.repeats)
+        runs = {"nanoseek": partial(nanoseek_decode, engine, prompts, params, timer.clock),
+                "transformers": partial(hf_decode, hf, x, N, timer.clock)}
+        if args.compile:  # Engine(compile=True): one static-shape graph per batch size, compiled in the warm-up
+            compiled = Engine(model, max_batch=B, max_model_len=P + N, compile=True)
+            nanoseek_decode(compiled, prompts, replace(params, max_tokens=4), timer.clock)
+            runs["nanoseek compiled"] = partial(nanoseek_decode, compiled, prompts, params, timer.clock)
+        med, outs = round_robin(runs, args.repeats)
         same = sum(a == b for a, b in zip(outs["nanoseek"], outs["transformers"]))
         tps = {k: B * (N - 1) / v for k, v in med.items()}
         ratio = tps["nanoseek"] / tps["transformers"]
@@ -144,6 +150,11 @@ def bench_vs_transformers(name: str, args: argparse.Namespace, timer: Timer) -> 
               f"({1e3 * med['nanoseek'] / (N - 1):5.1f} ms/step) | transformers {tps['transformers']:6.0f} tok/s "
               f"({1e3 * med['transformers'] / (N - 1):5.1f} ms/step) | ratio {ratio:.2f}x | "
               f"identical greedy outputs {same}/{B}")
+        if args.compile:
+            same_c = sum(a == b for a, b in zip(outs["nanoseek compiled"], outs["transformers"]))
+            print(f"      nanoseek compiled {tps['nanoseek compiled']:6.0f} tok/s "
+                  f"({1e3 * med['nanoseek compiled'] / (N - 1):5.1f} ms/step) | ratio "
+                  f"{tps['nanoseek compiled'] / tps['transformers']:.2f}x | identical greedy outputs {same_c}/{B}")
         result["runs"].append({"prompt": P, "batch": B, "tok_s": tps, "ratio": ratio, "identical_outputs": same,
                                "ms_per_step": {k: 1e3 * v / (N - 1) for k, v in med.items()}})
     return result
@@ -257,6 +268,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=120)
     ap.add_argument("--spec-preset", default="small", help="preset trained for the MTP part (default small)")
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True) (compiles per batch size)")
+    ap.add_argument("--skip-mtp", action="store_true", help="skip the MTP speculative-decoding part")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.train_steps, args.spec_preset = 16, 1, 30, "tiny"
@@ -274,7 +287,8 @@ def main() -> None:
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "timing": timer.kind}
     for name in ("small",) if args.quick else ("small", "wide"):
         results[name] = bench_vs_transformers(name, args, timer)
-    results["speculative"] = bench_speculative(args, timer)
+    if not args.skip_mtp:
+        results["speculative"] = bench_speculative(args, timer)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

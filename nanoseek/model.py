@@ -621,6 +621,8 @@ class Experts(nn.Module):
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self._gathered(x, idx, w)  # a compiled decode step (Engine(compile=True)): static shapes
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
@@ -646,6 +648,17 @@ class Experts(nn.Module):
             ys = self._loop(xs, counts, w_gate, w_up, w_down)
         ys = ys * w.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The selected experts' weights gathered per (token, slot) pair and one `bmm` per projection: no
+        data-dependent shape (argsort/bincount/per-expert counts), so a compiled decode step stays one graph.
+        Copies N*K expert matrices, so it is meant for decode-sized N (benchmarks/static_decode.py)."""
+        N, K = idx.shape
+        f = idx.flatten()
+        xs = x.repeat_interleave(K, 0)[:, :, None]  # (N*K, D, 1)
+        h = F.silu(torch.bmm(self.gate_proj[f].to(x.dtype), xs)) * torch.bmm(self.up_proj[f].to(x.dtype), xs)
+        y = torch.bmm(self.down_proj[f].to(x.dtype), h).squeeze(-1)  # (N*K, D)
+        return (y * w.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1)
 
     @staticmethod
     def _padded(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,

@@ -417,3 +417,13 @@ def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
         assert out.out.split() == [str(t) for t in ref]
         assert "tok/s" in out.err
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2  # no tokenizer in the dir
+
+
+def test_compiled_decode_step_matches_eager_as_the_batch_shrinks(model, ref):
+    # Engine(compile=True): the decode forward is one static-shape graph per running-batch size (masked full-cache
+    # attention, gathered expert weights). Rows finish at different lengths, so the batch goes 3 -> 2 -> 1 and
+    # each size compiles once; greedy outputs must equal each prompt run alone.
+    engine = Engine(model, max_batch=3, max_model_len=64, compile=True)
+    lengths = [6, 10, 14]
+    outs = engine.generate(PROMPTS[:3], [replace(GREEDY, max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [o.token_ids for o in outs] == [r[:n] for r, n in zip(ref, lengths)]
