@@ -937,7 +937,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
 def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                  max_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, speculative: int = 0, chat: bool = False,
-                 ignore_eos: bool = False) -> int:
+                 ignore_eos: bool = False, compile: bool = False) -> int:
     """`nanoseek generate`: load an HF-format directory (and its tokenizer, if any), stream the completion to
     stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr."""
     import json
@@ -969,7 +969,7 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
         top_p=top_p if top_p is not None else gen_cfg.get("top_p", 1.0))
     engine = Engine(model, tokenizer, max_batch=1, max_model_len=min(len(ids) + max_tokens,
                                                                       model.config.max_position_embeddings),
-                    num_speculative_tokens=speculative)
+                    num_speculative_tokens=speculative, compile=compile)
     engine.add_request(ids, params)
     t0 = time.perf_counter()
     final = None

@@ -610,6 +610,7 @@ class ServeConfig:
     num_speculative_tokens: int = 0
     seed: int | None = None
     log_level: str = "info"
+    compile: bool = False  # Engine(compile=True): a compiled decode step per running-batch size
 
 
 class Server:
@@ -640,7 +641,7 @@ class Server:
             tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
         model = load(model_dir).eval()
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
-                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed)
+                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile)
         defaults: dict[str, float] = {}
         gen = model_dir / "generation_config.json"
         if gen.is_file():  # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)

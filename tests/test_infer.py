@@ -410,7 +410,7 @@ def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
 
     model.save_pretrained(tmp_path / "m")
     ref = ref[0][:5]
-    for extra in ([], ["--speculative"]):
+    for extra in ([], ["--speculative"], ["--compile"]):
         assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "0,5,17,99,3", "--max-tokens", "5",
                      "--temperature", "0", "--ignore-eos", *extra]) == 0
         out = capsys.readouterr()
