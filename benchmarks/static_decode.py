@@ -11,9 +11,9 @@ compared with the eager step. `small` preset, random weights, fp32, 1 thread, th
     .venv/bin/python benchmarks/static_decode.py --batch 16 --experts dense
 
 Measured 2026-11-23: batch 1 gathered 6.48 -> 2.11 ms/step (3.07x, identical tokens; one graph, no breaks once
-the expert-load count used scatter_add instead of bincount); batch 16: gathered 15.85 -> 14.32 ms (1.11x),
-dense 21.9 ms (0.7x: 8x the expert FLOPs). Integrating it needs the engine to keep a static batch (pad rows to
-bucket sizes; each size compiles once, 20-35 s) and a dispatch that stays cheap from batch ~8 up.
+the expert-load count used scatter_add instead of bincount); batch 16: gathered 15.85 -> 14.32 ms (1.11x), dense
+20.3-21.9 ms (0.7x: 8x the expert FLOPs, as einsum or per-expert bmm alike). The engine has the gathered variant
+as `Engine(compile=True)`; batch >= 16 still needs a static dispatch that stays cheap there.
 """
 
 import argparse
@@ -64,8 +64,8 @@ def dense(self, x, idx, w):
     E, I, D = self.gate_proj.shape
     gate = torch.zeros(N, E, dtype=x.dtype).scatter_(1, idx, w.to(x.dtype))
     h = F.silu(x @ self.gate_proj.reshape(E * I, D).T) * (x @ self.up_proj.reshape(E * I, D).T)
-    h = (h.view(N, E, I) * gate[:, :, None])
-    return torch.einsum("nei,edi->nd", h, self.down_proj)
+    h = (h.view(N, E, I) * gate[:, :, None]).transpose(0, 1)  # (E, N, I)
+    return torch.bmm(h, self.down_proj.transpose(1, 2)).sum(0)  # per-expert GEMMs, then the weighted sum
 
 STATIC = gathered if args.experts == "gathered" else dense
 cfg = ModelConfig.from_preset("small", vocab_size=512, num_nextn_predict_layers=0)
