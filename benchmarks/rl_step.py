@@ -91,13 +91,15 @@ def run_trl(model_dir: Path, out: Path, args: argparse.Namespace) -> list[float]
         def on_step_end(self, *a: Any, **k: Any) -> None:
             times.append(time.perf_counter() - self.t0)
 
+    def texts(completions: list[Any]) -> list[str]:  # conversational datasets give [{"role", "content"}] lists
+        return [c if isinstance(c, str) else c[0]["content"] for c in completions]
+
     def accuracy(completions: list[Any], answer: list[Any], **kw: Any) -> list[float]:
-        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
         lengths.extend(len(ids) for ids in kw["completion_ids"])
-        return arithmetic_accuracy(texts, answer)
+        return arithmetic_accuracy(texts(completions), answer)
 
     def fmt(completions: list[Any], **kw: Any) -> list[float]:
-        return format_reward([c if isinstance(c, str) else c[0]["content"] for c in completions])
+        return format_reward(texts(completions))
 
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,

@@ -46,6 +46,7 @@ class DemoPlan:
     batch_size: int = 16
     pretrain_steps: int = 5000  # an upper bound: the schedule is fitted to the time budget (fit_to_time)
     pretrain_lr: float = 3e-3
+    pretrain_warmup: int = 20
     pretrain_budget: float = 300.0
     # RL
     rl_steps: int = 400  # an upper bound: the budget ends the stage (constant lr, so nothing is cut off)
@@ -73,10 +74,10 @@ class DemoPlan:
     def make(cls, fast: bool) -> DemoPlan:
         if not fast:
             return cls()
-        return cls(fast=True, n_train=600, vocab_size=512, preset="tiny", model_overrides={}, seq_len=128, batch_size=8,
-                   pretrain_steps=12, pretrain_budget=30, rl_steps=3, rl_group=4, rl_prompts=2, rl_max_new=24,
-                   rl_budget=30, student_preset="tiny", student_overrides={"num_hidden_layers": 1,
-                                                                          "first_k_dense_replace": 0},
+        return cls(fast=True, n_train=600, vocab_size=512, preset="tiny", model_overrides={}, seq_len=128,
+                   batch_size=8, pretrain_steps=12, pretrain_warmup=2, pretrain_budget=30, rl_steps=3, rl_group=4,
+                   rl_prompts=2, rl_max_new=24, rl_budget=30, student_preset="tiny",
+                   student_overrides={"num_hidden_layers": 1, "first_k_dense_replace": 0},
                    distill_prompts=16, distill_samples=1, distill_epochs=4, distill_budget=30, eval_n=6, eval_k=2,
                    distill_verifier="none",  # a toy model solves nothing: keep its traces to exercise the path
                    eval_budget=30)
@@ -194,7 +195,7 @@ def stage_pretrain(root: Path, plan: DemoPlan, console: Console) -> dict[str, An
     cfg = TrainConfig(preset=plan.preset, model_overrides={"vocab_size": plan.vocab_size, **plan.model_overrides},
                       data=str(root / "data" / "tokens"), tokenizer=str(root / "data" / "tokenizer"),
                       seq_len=plan.seq_len, batch_size=plan.batch_size, max_steps=plan.pretrain_steps,
-                      lr=plan.pretrain_lr, warmup_steps=20 if not plan.fast else 2, schedule="wsd",
+                      lr=plan.pretrain_lr, warmup_steps=plan.pretrain_warmup, schedule="wsd",
                       decay_ratio=0.3, save_every=50, out=str(out), max_time=plan.pretrain_budget,
                       fit_to_time=True, resume=(out / "latest").exists(), keep_last=1)
     summary = train(cfg)

@@ -1008,7 +1008,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
     from . import accounting
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from .infer import Engine
-    from .train import TrainConfig, build_optimizers, lr_at
+    from .train import TrainConfig, build_optimizers, lr_at, set_lr
     from .weights import load
 
     tok = check_same_vocabulary(cfg.teacher, cfg.student)  # before loading any weights
@@ -1096,9 +1096,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, tcfg)
-            for o in opts:
-                for g in o.param_groups:
-                    g["lr"] = lr
+            set_lr(opts, lr)
             # GKD: with probability lambda the batch is the student's own samples (deterministic per step)
             on_policy = random.Random(cfg.seed * 1_000_003 + step).random() < cfg.lmbda
             if on_policy:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -98,9 +99,7 @@ def plot_panels(records: list[dict[str, Any]], png: str | Path, panels: Sequence
                     ax.plot(xs, ys, "o-" if sparse else "-", label=key, lw=1.2, ms=3)
                     continue
                 (raw,) = ax.plot(xs, ys, "-", lw=0.8, alpha=0.3)
-                csum = [0.0]
-                for y in ys:
-                    csum.append(csum[-1] + y)
+                csum = list(itertools.accumulate(ys, initial=0.0))
                 mean = [(csum[i + 1] - csum[max(0, i + 1 - smooth)]) / min(i + 1, smooth) for i in range(len(ys))]
                 ax.plot(xs, mean, "-", color=raw.get_color(), lw=1.6, label=f"{key} ({smooth}-step mean)")
         ax.set_title(title)

@@ -634,18 +634,12 @@ class Experts(nn.Module):
             dt = torch.get_autocast_dtype(xs.device.type)
         w_gate, w_up, w_down = (p.to(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
         xs = xs.to(dt)
-        padded = None
-        if xs.device.type == "cpu" and not torch.is_grad_enabled():  # inference: few tokens per expert
-            padded = self._padded(xs, flat[order], counts, w_gate, w_up, w_down)
-        if padded is not None:
-            ys = padded
-        elif self.use_grouped_mm and self._grouped_ok(xs):
-            offs = counts.cumsum(0).to(torch.int32)
-            gmm = torch._grouped_mm
-            h = F.silu(gmm(xs, w_gate.transpose(1, 2), offs=offs)) * gmm(xs, w_up.transpose(1, 2), offs=offs)
-            ys = gmm(h, w_down.transpose(1, 2), offs=offs)
-        else:
-            ys = self._loop(xs, counts, w_gate, w_up, w_down)
+        ys = None
+        if xs.device.type == "cpu" and not torch.is_grad_enabled():  # inference: one bmm when it pays
+            ys = self._padded(xs, flat[order], counts, w_gate, w_up, w_down)
+        if ys is None:
+            run = self._grouped if self.use_grouped_mm and self._grouped_ok(xs) else self._loop
+            ys = run(xs, counts, w_gate, w_up, w_down)
         ys = ys * w.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
@@ -679,9 +673,17 @@ class Experts(nn.Module):
         slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
         xp = xs.new_zeros(E, cap, xs.shape[1])
         xp[expert, slot] = xs
-        g, u, d = w_gate, w_up, w_down
-        h = F.silu(torch.bmm(xp, g.transpose(1, 2))) * torch.bmm(xp, u.transpose(1, 2))
-        return torch.bmm(h, d.transpose(1, 2))[expert, slot]
+        h = F.silu(torch.bmm(xp, w_gate.transpose(1, 2))) * torch.bmm(xp, w_up.transpose(1, 2))
+        return torch.bmm(h, w_down.transpose(1, 2))[expert, slot]
+
+    @staticmethod
+    def _grouped(xs: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 w_down: torch.Tensor) -> torch.Tensor:
+        """One grouped GEMM per projection over the expert-sorted rows."""
+        offs = counts.cumsum(0).to(torch.int32)
+        gmm = torch._grouped_mm
+        h = F.silu(gmm(xs, w_gate.transpose(1, 2), offs=offs)) * gmm(xs, w_up.transpose(1, 2), offs=offs)
+        return gmm(h, w_down.transpose(1, 2), offs=offs)
 
     @staticmethod
     def _grouped_ok(xs: torch.Tensor) -> bool:

@@ -104,8 +104,8 @@ def write_report(root: Path, plan: Any) -> Path:
         cfg = ModelConfig.from_hf(base / "config.json")
         counts = accounting.count_params(cfg)
         kv = accounting.kv_cache_bytes(cfg)
-        overrides = getattr(plan, "model_overrides", {})
-        narrowed = " with " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
+        narrowed = " with " + ", ".join(f"{k}={v}" for k, v in plan.model_overrides.items()) \
+            if plan.model_overrides else ""
         lines += ["## The model", "",
                   f"`{plan.preset}` preset{narrowed}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                   f"{cfg.num_attention_heads} MLA heads (kv_lora_rank {cfg.kv_lora_rank}, rope dim "

@@ -33,6 +33,7 @@ from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, trunca
 from .model import Transformer
 from .rewards import RewardRunner, Task, load_task, parse_reward_spec
 from .tokenizer import Tokenizer
+from .train import set_lr
 from .weights import load as load_model
 
 PROMPT_FORMATS = ("chat", "r1_zero")
@@ -307,8 +308,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr([opt], lr)
             # ---- rollouts (+ dynamic sampling refill) -------------------------------------------------------
             model.eval()
             batch: list[dict[str, Any]] = []
@@ -344,12 +344,14 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             # one update per rollout batch: the old policy *is* the current one, so the old log-probs are the
             # update pass's own, detached (ratio = 1, gradient unchanged) and their separate forward is skipped
             reuse_old = cfg.mu == 1 and cfg.mini_batches == 1
-            old_logp = mask = ref_logp = None
+            ref_logp = None
+            mismatch = math.nan
             with torch.no_grad(), autocast():
                 if not reuse_old:
                     old_logp, mask, _ = completion_logprobs(model, prompts, comps, cfg.temperature,
                                                             tokenizer.pad_id or 0)
                     mask = mask & keep[:, None]
+                    mismatch = _sampler_mismatch(batch, old_logp, mask)
                 if ref is not None:
                     ref_logp = completion_logprobs(ref, prompts, comps, cfg.temperature, tokenizer.pad_id or 0)[0]
             # ---- policy updates -----------------------------------------------------------------------------
@@ -365,26 +367,25 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                         logp, m, ent = completion_logprobs(model, [prompts[j] for j in idx], [comps[j] for j in idx],
                                                            cfg.temperature, tokenizer.pad_id or 0, with_entropy=True)
                         L = logp.shape[1]
-                        if reuse_old:  # idx is the identity permutation's order: store in batch order
-                            old_logp = torch.empty_like(logp)
-                            old_logp[idx] = logp.detach()
-                            mask = torch.empty_like(m)
-                            mask[idx] = m & keep[idx, None]
+                        if reuse_old:  # the one update covers the whole batch (in the order of idx)
+                            old, valid = logp.detach(), m & keep[idx, None]
+                            mismatch = _sampler_mismatch([batch[j] for j in idx], old, valid)
+                        else:
+                            old, valid = old_logp[idx, :L], m & mask[idx, :L]
                         loss, st = policy_loss(
-                            logp, old_logp[idx, :L], adv[idx], m & mask[idx, :L], loss_type=cfg.loss,
+                            logp, old, adv[idx], valid, loss_type=cfg.loss,
                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_new_tokens=cfg.max_new_tokens,
                             ref_logp=None if ref_logp is None else ref_logp[idx, :L], beta=cfg.beta)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     opt.step()
-                    mm = (m & mask[idx, :L]).float()
+                    mm = valid.float()
                     stats_acc["entropy"] += float((ent.detach() * mm).sum() / mm.sum().clamp(min=1))
                     stats_acc["loss"] += float(loss.detach())
                     stats_acc["clip_frac"] += st["clip_frac"]
                     stats_acc["kl"] += st["kl"]
                     n_updates += 1
-            mismatch = _sampler_mismatch(batch, old_logp, mask)
             for r in model.routers():  # router bias frozen during RL: discard the load counts
                 r.expert_load.zero_()
             dt = time.perf_counter() - t0

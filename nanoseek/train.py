@@ -15,6 +15,7 @@ import math
 import os
 import time
 import tomllib
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr - (cfg.lr - lo) * min(frac, 1.0)
     frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def set_lr(optimizers: Sequence[torch.optim.Optimizer], lr: float) -> None:
+    """Set the learning rate of every parameter group (the schedules here are computed, not torch schedulers)."""
+    for o in optimizers:
+        for g in o.param_groups:
+            g["lr"] = lr
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -433,9 +441,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if progress:
                     progress.update(task, total=cfg.max_steps)
             lr = lr_at(step, cfg)
-            for o in opts:
-                for g in o.param_groups:
-                    g["lr"] = lr
+            set_lr(opts, lr)
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 batch = next(batches)
