@@ -621,8 +621,9 @@ class Experts(nn.Module):
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            return self._gathered(x, idx, w)  # a compiled decode step (Engine(compile=True)): static shapes
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # Engine(compile=True): static shapes
+            E = self.gate_proj.shape[0]
+            return self._dense(x, idx, w) if idx.numel() >= E else self._gathered(x, idx, w)
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
@@ -653,6 +654,18 @@ class Experts(nn.Module):
         h = F.silu(torch.bmm(self.gate_proj[f].to(x.dtype), xs)) * torch.bmm(self.up_proj[f].to(x.dtype), xs)
         y = torch.bmm(self.down_proj[f].to(x.dtype), h).squeeze(-1)  # (N*K, D)
         return (y * w.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1)
+
+    def _dense(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, the unselected ones weighted 0: two GEMMs per layer over the experts'
+        weights seen as one (E*I, D) and one (D, E*I) matrix. Once N*K >= E a decode step reads nearly every expert
+        anyway (batch 16, top-4 of 32: ~28 of 32), so the extra FLOPs cost little, and with constant weights
+        Inductor's frozen CPU GEMM templates stream them at memory speed (benchmarks/decode.py --compile)."""
+        N, K = idx.shape
+        E, I, D = self.gate_proj.shape
+        gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, idx, w.to(x.dtype))
+        gu = F.linear(x, torch.cat([self.gate_proj, self.up_proj], dim=1).view(2 * E * I, D)).view(N, E, 2, I)
+        h = (F.silu(gu[:, :, 0]) * gu[:, :, 1] * gates[:, :, None]).view(N, E * I)
+        return F.linear(h, self.down_proj.permute(1, 0, 2).reshape(D, E * I))
 
     @staticmethod
     def _padded(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,

@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .infer import Engine, RequestOutput, SamplingParams
+from .infer import Engine, RequestOutput, SamplingParams, parse_dtype
 from .tokenizer import END_THINK, THINK, Tokenizer
 
 log = logging.getLogger("nanoseek.serve")
@@ -610,7 +610,8 @@ class ServeConfig:
     num_speculative_tokens: int = 0
     seed: int | None = None
     log_level: str = "info"
-    compile: bool = False  # Engine(compile=True): a compiled decode step per running-batch size
+    compile: bool = False  # Engine(compile=True): a compiled decode step per batch bucket, compiled at startup
+    dtype: str = "float32"  # weights and cache: float32 | bfloat16
 
 
 class Server:
@@ -641,7 +642,8 @@ class Server:
             tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
         model = load(model_dir).eval()
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
-                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile)
+                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile,
+                        dtype=parse_dtype(cfg.dtype))
         defaults: dict[str, float] = {}
         gen = model_dir / "generation_config.json"
         if gen.is_file():  # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)
@@ -1083,6 +1085,10 @@ def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     server = Server.from_config(cfg)
+    if cfg.compile:  # before accepting requests: compiling a bucket takes about a minute on a CPU
+        t0 = time.perf_counter()
+        buckets = server.engine.warmup()
+        log.info("compiled the decode step for batch sizes %s in %.0f s", buckets, time.perf_counter() - t0)
     if not _is_loopback(cfg.host) and server.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach the port can use the model "
                     "(set --api-key or NANOSEEK_API_KEY)", cfg.host)

@@ -410,7 +410,7 @@ def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
 
     model.save_pretrained(tmp_path / "m")
     ref = ref[0][:5]
-    for extra in ([], ["--speculative"], ["--compile"]):
+    for extra in ([], ["--speculative"], ["--compile"], ["--dtype", "float32"]):
         assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "0,5,17,99,3", "--max-tokens", "5",
                      "--temperature", "0", "--ignore-eos", *extra]) == 0
         out = capsys.readouterr()
@@ -420,10 +420,38 @@ def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
 
 
 def test_compiled_decode_step_matches_eager_as_the_batch_shrinks(model, ref):
-    # Engine(compile=True): the decode forward is one static-shape graph per running-batch size (masked full-cache
-    # attention, gathered expert weights). Rows finish at different lengths, so the batch goes 3 -> 2 -> 1 and
-    # each size compiles once; greedy outputs must equal each prompt run alone.
-    engine = Engine(model, max_batch=3, max_model_len=64, compile=True)
-    lengths = [6, 10, 14]
-    outs = engine.generate(PROMPTS[:3], [replace(GREEDY, max_tokens=n, ignore_eos=True) for n in lengths])
+    # Engine(compile=True): a frozen static-shape decode graph per power-of-two bucket of rows. warmup() compiles
+    # the buckets (1, 2, 4) up front; then 4 rows finishing at different lengths run as 4 -> 4 (3 rows + 1 padding
+    # row) -> 2 -> 1 with no further compilation. Bucket 4 routes 4 x top-2 = 8 >= 8 experts: the dense expert
+    # path; buckets 1-2 the gathered one. Greedy outputs must equal each prompt run alone (fp32).
+    from torch._dynamo.utils import counters
+
+    engine = Engine(model, max_batch=4, max_model_len=64, compile=True)
+    assert engine.warmup() == [1, 2, 4]
+    compiled = dict(counters["stats"])
+    lengths = [4, 8, 12, 16]
+    outs = engine.generate(PROMPTS[:4], [replace(GREEDY, max_tokens=n, ignore_eos=True) for n in lengths])
     assert [o.token_ids for o in outs] == [r[:n] for r, n in zip(ref, lengths)]
+    assert dict(counters["stats"]) == compiled  # no frame was compiled again
+    with pytest.raises(RuntimeError, match="before adding requests"):
+        engine.add_request([0, 1])
+        engine.warmup()
+
+
+def test_compiled_bf16_decode_stays_close_to_fp32(model):
+    # the fast configuration (bf16 weights and cache, frozen compiled graph, dense experts at bucket 4): each
+    # decoded token's log-prob must match the fp32 model's on the same text (teacher-forced, no cache) up to bf16
+    # rounding, and be (nearly) the fp32 argmax
+    import copy
+
+    bf16 = Engine(copy.deepcopy(model), max_batch=4, max_model_len=64, compile=True, dtype=torch.bfloat16)
+    outs = bf16.generate(PROMPTS[:4], replace(GREEDY, max_tokens=8, logprobs=0))
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    for p, o in zip(PROMPTS[:4], outs):
+        with torch.no_grad():
+            lp = model(torch.tensor([p + o.token_ids])).float().log_softmax(-1)[0, len(p) - 1: -1]  # (8, V)
+        ref = lp.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        assert (torch.tensor(o.logprobs) - ref).abs().max() < 0.05
+        assert (lp.max(-1).values - ref).max() < 0.05
+
+
