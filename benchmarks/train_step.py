@@ -39,10 +39,16 @@ def make_settings(cfg: ModelConfig, include_hf: bool = True) -> list[dict[str, A
     ours = build(cfg)
     settings = []
 
-    def nanoseek_step(model, opt, autocast):
+    def nanoseek_step(model, opt, autocast, compile=False):
+        def objective(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return model.loss(x, y, mtp_lambda=0.0, balance_alpha=0.0)["loss"]
+
+        # compile: `nanoseek train`'s `compile = true` (the expert dispatch runs eagerly between graphs)
+        loss_fn = torch.compile(objective) if compile else objective
+
         def run(ids: torch.Tensor) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model.loss(ids[:, :-1], ids[:, 1:], mtp_lambda=0.0, balance_alpha=0.0)["loss"]
+                loss = loss_fn(ids[:, :-1], ids[:, 1:])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -61,7 +67,8 @@ def make_settings(cfg: ModelConfig, include_hf: bool = True) -> list[dict[str, A
         return run
 
     def adamw(params):
-        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        # fused, as nanoseek's trainer (and transformers' Trainer default, adamw_torch_fused) use
+        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     if include_hf:
         hf = fb.load_hf(ours).train()
@@ -69,6 +76,10 @@ def make_settings(cfg: ModelConfig, include_hf: bool = True) -> list[dict[str, A
     a = build(cfg)
     a.load_state_dict(ours.state_dict())
     settings.append({"name": "nanoseek fp32", "run": nanoseek_step(a, adamw(a.parameters()), False), "dtype": "fp32"})
+    c = build(cfg)
+    c.load_state_dict(ours.state_dict())
+    settings.append({"name": "nanoseek fp32 compiled", "run": nanoseek_step(c, adamw(c.parameters()), False, True),
+                     "dtype": "fp32"})
     b = build(cfg)
     b.load_state_dict(ours.state_dict())
     settings.append({"name": "nanoseek bf16 autocast", "run": nanoseek_step(b, adamw(b.parameters()), True),

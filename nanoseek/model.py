@@ -621,9 +621,17 @@ class Experts(nn.Module):
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # Engine(compile=True): static shapes
-            E = self.gate_proj.shape[0]
-            return self._dense(x, idx, w) if idx.numel() >= E else self._gathered(x, idx, w)
+        if torch.compiler.is_compiling():
+            if not torch.is_grad_enabled():  # Engine(compile=True): static shapes
+                E = self.gate_proj.shape[0]
+                return self._dense(x, idx, w) if idx.numel() >= E else self._gathered(x, idx, w)
+            # a compiled training step: the sort-based dispatch runs eagerly between two graphs (its shapes depend
+            # on the routing, and the fake-tensor kernel of _grouped_mm rejects fp32)
+            return self._dispatch_eager(x, idx, w)
+        return self._dispatch(x, idx, w)
+
+    def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Token-expert pairs sorted by expert, one grouped matmul (or padded bmm, or loop) per projection."""
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
@@ -643,6 +651,8 @@ class Experts(nn.Module):
             ys = run(xs, counts, w_gate, w_up, w_down)
         ys = ys * w.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    _dispatch_eager = torch.compiler.disable(_dispatch)
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The selected experts' weights gathered per (token, slot) pair and one `bmm` per projection: no

@@ -268,7 +268,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     if cfg.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=True)
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         start = load_checkpoint(ckpt, model, opt)["step"]

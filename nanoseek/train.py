@@ -210,8 +210,10 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         else:
             no_decay.append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one vectorised pass per tensor instead of foreach's ~10 (4x faster on a CPU: 0.17 vs 0.66 s for the
+    # 136M parameters of benchmarks/train_step.py's `wide`, where a step's tokens are few next to the parameters)
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                           fused=False)]
+                                                           fused=True)]
     if muon:
         opts.append(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      adjust_lr_fn="match_rms_adamw"))
