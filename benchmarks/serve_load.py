@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -113,8 +114,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, max_batch: int, threads: int | None, log_path: Path) -> tuple[subprocess.Popen,
-                                                                                                   str]:
+def start_server(model_dir: Path, max_batch: int, threads: int | None, log_path: Path, extra: list[str],
+                 start_timeout: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ)
     if threads:
@@ -122,9 +123,9 @@ def start_server(model_dir: Path, max_batch: int, threads: int | None, log_path:
     log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--port",
                              str(port), "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level",
-                             "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "warning", *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + start_timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -295,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reasoning-tokens", type=int, default=16, help="own server: scripted reasoning length")
     ap.add_argument("--max-batch", type=int, default=8, help="own server: --max-batch (default 8)")
     ap.add_argument("--threads", type=int, default=None, help="own server: OMP_NUM_THREADS (default: torch's)")
+    ap.add_argument("--server-args", default="", help='own server: extra `nanoseek serve` flags, e.g. '
+                    '"--compile --dtype bfloat16"')
+    ap.add_argument("--start-timeout", type=float, default=None,
+                    help="own server: seconds to wait for it (default 120; 900 with --compile: it compiles first)")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 requests, 4 concurrent, 24 tokens")
@@ -321,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             t = time.perf_counter()
             model_dir = scripted_small_model(Path(tmp.name), args.reasoning_tokens)
-            proc, url = start_server(model_dir, args.max_batch, args.threads, Path(tmp.name) / "server.log")
-            print(f"started nanoseek serve ({url}, small preset, max_batch {args.max_batch}) in "
-                  f"{time.perf_counter() - t:.1f}s", flush=True)
+            extra = shlex.split(args.server_args)
+            start_timeout = args.start_timeout or (900.0 if "--compile" in extra else 120.0)
+            proc, url = start_server(model_dir, args.max_batch, args.threads, Path(tmp.name) / "server.log", extra,
+                                     start_timeout)
+            print(f"started nanoseek serve ({url}, small preset, max_batch {args.max_batch}"
+                  f"{', ' + args.server_args if extra else ''}) in {time.perf_counter() - t:.1f}s", flush=True)
         url = url.rstrip("/").removesuffix("/v1")
         model = args.model
         if model is None:
