@@ -108,7 +108,8 @@ def run_trl(model_dir: Path, out: Path, args: argparse.Namespace) -> list[float]
         loss_type="grpo", scale_rewards="group", beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, max_steps=args.steps, logging_steps=1, report_to="none",
         save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0, disable_tqdm=True,
-        dataloader_num_workers=0, log_completions=False)
+        dataloader_num_workers=0, log_completions=False,
+        gradient_checkpointing=not args.trl_no_checkpointing)  # TRL's GRPO default is on: an extra forward
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy, fmt], args=config, train_dataset=data,
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[StepTimer()])
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, P=2 G=4 N=32, 3 steps")
+    ap.add_argument("--trl-no-checkpointing", action="store_true",
+                    help="turn off TRL's default gradient checkpointing (nanoseek does not checkpoint)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -145,7 +148,8 @@ def main() -> None:
     ns_med, trl_med = statistics.median(ns[1:] or ns), statistics.median(trl[1:] or trl)
     tokens = args.prompts * args.group * args.tokens
     res = {"preset": args.preset, "P": args.prompts, "G": args.group, "N": args.tokens, "steps": args.steps,
-           "threads": torch.get_num_threads(), "nanoseek_step_s": ns, "trl_step_s": trl,
+           "threads": torch.get_num_threads(), "trl_gradient_checkpointing": not args.trl_no_checkpointing,
+           "nanoseek_step_s": ns, "trl_step_s": trl,
            "nanoseek_median_s": ns_med, "trl_median_s": trl_med, "speedup": trl_med / ns_med}
     print(f"{'':10s} {'step (s)':>9s} {'completion tok/s':>17s}")
     print(f"{'nanoseek':10s} {ns_med:9.2f} {tokens / ns_med:17.0f}")

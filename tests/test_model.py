@@ -170,16 +170,16 @@ def test_padded_inference_experts_match_the_loop_and_fall_back_on_skew():
     with torch.no_grad():
         counts = torch.bincount(idx.flatten(), minlength=32)
         order = idx.flatten().argsort(stable=True)
-        xs = x[order // 4]
-        padded = experts._padded(xs, idx.flatten()[order], counts, experts.gate_proj, experts.up_proj,
+        xs, ws = x[order // 4], w.flatten()[order, None]
+        padded = experts._padded(xs, ws, idx.flatten()[order], counts, experts.gate_proj, experts.up_proj,
                                  experts.down_proj)
-        ref = experts._loop(xs, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+        ref = experts._loop(xs, ws, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
         assert padded is not None and torch.allclose(padded, ref, atol=1e-5)
         y_inference = experts(x, idx, w)
     experts.use_grouped_mm = False
     assert torch.allclose(y_inference, experts(x, idx, w), atol=1e-5)  # grad enabled: the loop path
     one = idx[:1]  # batch 1: 4 rows would be padded to 32 -> the padded path declines
-    assert experts._padded(x[:4], one.flatten().sort().values, torch.bincount(one.flatten(), minlength=32),
+    assert experts._padded(x[:4], w[:1].T, one.flatten().sort().values, torch.bincount(one.flatten(), minlength=32),
                            experts.gate_proj, experts.up_proj, experts.down_proj) is None
 
 
