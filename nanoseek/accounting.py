@@ -109,14 +109,20 @@ def _block_counts(block: Block, cfg: ModelConfig) -> tuple[dict[str, int], dict[
     return tot, act
 
 
-def _count_model(model: Transformer) -> dict[str, Any]:
-    cfg = model.config
-    main_tot, main_act = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
-    for block in model.layers:
+def _sum_blocks(blocks: Any, cfg: ModelConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """Total and activated parameters per component, summed over blocks."""
+    tot, act = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
+    for block in blocks:
         t, a = _block_counts(block, cfg)
         for k in COMPONENTS:
-            main_tot[k] += t[k]
-            main_act[k] += a[k]
+            tot[k] += t[k]
+            act[k] += a[k]
+    return tot, act
+
+
+def _count_model(model: Transformer) -> dict[str, Any]:
+    cfg = model.config
+    main_tot, main_act = _sum_blocks(model.layers, cfg)
     emb = model.embed_tokens.weight.numel()
     tied = model.lm_head.weight is model.embed_tokens.weight
     head = model.lm_head.weight.numel()
@@ -125,12 +131,7 @@ def _count_model(model: Transformer) -> dict[str, Any]:
     main_tot["output_head"], main_act["output_head"] = (0 if tied else head), head
     for d in (main_tot, main_act):
         d["norms"] += _numel(model.norm)
-    mtp_tot, mtp_act = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
-    for module in model.mtp:
-        t, a = _block_counts(module, cfg)
-        for k in COMPONENTS:
-            mtp_tot[k] += t[k]
-            mtp_act[k] += a[k]
+    mtp_tot, mtp_act = _sum_blocks(model.mtp, cfg)
     total = sum(main_tot.values())
     mtp_total = sum(mtp_tot.values())
     # every parameter must land in exactly one component, or the breakdown is lying

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 
@@ -15,15 +16,20 @@ def _model_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="an HF-format model directory (config.json + safetensors)")
 
 
+def _show(report: dict, printer: Callable[[dict, Console], None], as_json: bool) -> int:
+    """A report as JSON on stdout (--json) or as rich tables."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        printer(report, Console())
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from . import accounting
 
     report = accounting.params_report(preset=args.preset, model_dir=args.model)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        accounting.print_params_report(report, Console())
-    return 0
+    return _show(report, accounting.print_params_report, args.json)
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -33,11 +39,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                     gpu_hour_price=args.gpu_hour_price, mfu=args.mfu,
                                     gpu_hours_per_trillion=args.gpu_hours_per_trillion,
                                     extra_gpu_hours=args.extra_gpu_hours, seq_len=args.seq_len)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        accounting.print_cost_report(report, Console())
-    return 0
+    return _show(report, accounting.print_cost_report, args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
