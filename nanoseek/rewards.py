@@ -21,6 +21,7 @@ import math
 import multiprocessing as mp
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +210,19 @@ class RewardRunner:
         self.proc = self.ctx.Process(target=_worker_main, args=(child, [s for s, _ in self.specs]), daemon=True)
         self.proc.start()
         self.conn = parent
-        if not parent.poll(120) or parent.recv()[0] != "ready":
-            raise RuntimeError("the reward worker process did not start")
+        deadline = time.monotonic() + 120
+        while not parent.poll(0.05) and self.proc.is_alive() and time.monotonic() < deadline:
+            pass  # a worker that dies while importing fails now, not after the deadline
+        try:
+            ready = parent.poll(0) and parent.recv()[0] == "ready"
+        except EOFError:  # the worker died and closed its end
+            ready = False
+        if not ready:
+            self.proc.join(1)
+            raise RuntimeError(
+                f"the reward worker process did not start (exit code {self.proc.exitcode}). Rewards run in a "
+                "'spawn' subprocess that re-imports your __main__ module: a script that calls nanoseek's RL must "
+                "guard its entry point with `if __name__ == \"__main__\":`")
 
     def _call(self, spec: str, completions: list[str], kwargs: dict[str, list[Any]]) -> list[float] | str:
         if self.proc is None or not self.proc.is_alive():

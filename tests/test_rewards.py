@@ -1,5 +1,7 @@
 """Rewards: rule-based scores on hand examples, the TRL-style plugin API, and failure isolation in the worker."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -70,3 +72,16 @@ def test_task_files(tmp_path):
         load_task(str(f))
     with pytest.raises(FileNotFoundError, match="neither a built-in task"):
         load_task("nope")
+
+
+def test_worker_that_cannot_start_fails_fast_with_the_fix(tmp_path):
+    # a script without a __main__ guard: the spawned worker re-runs it, cannot start a process while
+    # bootstrapping and dies; the parent must say why at once, not wait out the start timeout
+    script = tmp_path / "no_guard.py"
+    script.write_text("from nanoseek.rewards import RewardRunner\n"
+                      "RewardRunner([('format', 1.0)])(['x'], ['p'], {})\n")
+    t0 = time.time()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "reward worker process did not start" in res.stderr and "__name__ == \"__main__\"" in res.stderr
+    assert time.time() - t0 < 60
