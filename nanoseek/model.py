@@ -644,7 +644,7 @@ class Experts(nn.Module):
         w_gate, w_up, w_down = (p.to(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
         xs = xs.to(dt)
         # the gate weight g_i,t (V3 eq. 12) scales h before the down projection (linear, so the same sum): a multiply
-        # over I columns instead of D, and its backward likewise (-8% of a GRPO update on `small`, docs/LOG.md)
+        # over I columns instead of D, and its backward likewise (~2% of a GRPO update on `small`, docs/LOG.md)
         ws = w.flatten()[order, None].to(dt)
         ys = None
         if xs.device.type == "cpu" and not torch.is_grad_enabled():  # inference: one bmm when it pays
