@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="also time nanoseek bf16 autocast + torch.compile")
     ap.add_argument("--json", type=Path, help="write the results to this JSON file")
     ap.add_argument("--onednn-cache", type=int, default=None, metavar="N",
-                    help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY=N (default 1024) before the first oneDNN call; "
-                         "see docs/benchmarks.md")
+                    help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY=N (oneDNN: 1024; nanoseek sets 16384) before the "
+                         "first oneDNN call; see docs/benchmarks.md")
     ap.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, = cores). With 1, steps are timed in thread CPU "

@@ -84,6 +84,10 @@ def make_settings(cfg: ModelConfig, include_hf: bool = True) -> list[dict[str, A
     b.load_state_dict(ours.state_dict())
     settings.append({"name": "nanoseek bf16 autocast", "run": nanoseek_step(b, adamw(b.parameters()), True),
                      "dtype": "bf16"})
+    d = build(cfg)
+    d.load_state_dict(ours.state_dict())
+    settings.append({"name": "nanoseek bf16 compiled", "run": nanoseek_step(d, adamw(d.parameters()), True, True),
+                     "dtype": "bf16"})
     return settings
 
 
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps first (bf16: oneDNN JIT-compiles a kernel per new expert token count)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

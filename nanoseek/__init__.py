@@ -11,6 +11,14 @@ Public API::
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# oneDNN JIT-compiles one kernel per matmul shape and keeps 1,024 of them by default. MoE experts see a new token
+# count almost every step, so bf16 training on a CPU kept regenerating kernels: with 16,384 a `small` bf16 step
+# went 1.32 -> 0.89 s (docs/LOG.md). Read at oneDNN's first primitive, so setting it here (after `import torch`
+# but before any bf16 matmul) works; a value the user set wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
 from .model import PRESETS, KVCache, ModelConfig, Transformer, build  # noqa: E402
 from .weights import CheckpointError, load, save_pretrained  # noqa: E402
 

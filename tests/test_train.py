@@ -175,3 +175,13 @@ def test_bad_input_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="different model config"):
         train(other)
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["step"] == 2  # nothing lost
+
+
+def test_import_enlarges_the_onednn_primitive_cache_unless_the_user_set_it():
+    code = "import os, nanoseek; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "16384"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "77"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "77"
