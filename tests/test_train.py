@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoseek import load
 from nanoseek.data import prepare
@@ -185,3 +186,15 @@ def test_import_enlarges_the_onednn_primitive_cache_unless_the_user_set_it():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "77"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "77"
+
+
+def test_auto_dtype_picks_bf16_only_where_it_was_measured_faster():
+    from nanoseek.train import TrainConfig, _autocast_dtype
+
+    cpu = torch.device("cpu")
+    amx = torch.cpu._is_amx_tile_supported()
+    auto = TrainConfig(preset="tiny")
+    assert _autocast_dtype(auto, cpu, 256) == (torch.bfloat16 if amx else None)  # `small` and wider, on AMX
+    assert _autocast_dtype(auto, cpu, 128) is None  # the demo's width: fp32 measured faster
+    assert _autocast_dtype(TrainConfig(preset="tiny", dtype="fp32"), cpu, 4096) is None
+    assert _autocast_dtype(TrainConfig(preset="tiny", dtype="bf16"), cpu, 64) == torch.bfloat16
