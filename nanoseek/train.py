@@ -422,6 +422,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     ac_dtype = _autocast_dtype(cfg, device, model.config.hidden_size)
     autocast = (lambda: torch.autocast(device.type, dtype=ac_dtype)) if ac_dtype else nullcontext
+    if master and cfg.progress:
+        print(f"train on {device}: {'bf16 autocast' if ac_dtype else 'fp32'} (dtype = {cfg.dtype!r})"
+              f"{', compiled' if cfg.compile else ''}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     flops_per_token = accounting.flops_per_token(model.config, cfg.seq_len, training=True,
                                                  mtp=cfg.mtp_lambda > 0)
