@@ -64,7 +64,7 @@ class TrainConfig:
     balance_alpha: float | None = None  # None: the model config's aux_loss_alpha
     bias_update_speed: float = 1e-3  # gamma of V3 eq. 16; 0 freezes the router bias
     # speed
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, and on AMX CPUs from hidden 256: measured) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, and on AMX CPUs from hidden 512: measured) | fp32 | bf16
     compile: bool = False
     fsdp: bool = False
     # run
@@ -264,11 +264,12 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device, hidden_size: int) ->
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     # CPU: bf16 autocast pays where bf16 matmuls run on AMX and are wide enough to amortise the casts. Measured
-    # (benchmarks/train_step.py, one thread, oneDNN primitive cache 16,384 as nanoseek sets it): `small` (hidden
-    # 256) 0.73 vs 0.86 s per step, `wide` 2.05 vs 2.80 s; at hidden 128 (the demo's model) fp32 stays faster
-    # (0.47 vs 0.77 s). Without AMX, bf16 matmuls are emulated or AVX-512-BF16 only: keep fp32.
+    # (oneDNN primitive cache 16,384 as nanoseek sets it; docs/LOG.md): `wide` (hidden 512) bf16 is faster with one
+    # thread (2.05 vs 2.80 s per step) and two (1.55 vs 1.64 s; compiled 1.22 vs 1.55 s); `small` (hidden 256) only
+    # with one thread (0.73 vs 0.86 s; two threads: 0.66 vs 0.51 s); the demo's hidden 128 never. Without AMX,
+    # bf16 matmuls are emulated or AVX-512-BF16 only: keep fp32.
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if amx and hidden_size >= 256 else None
+    return torch.bfloat16 if amx and hidden_size >= 512 else None
 
 
 _PEAK_CACHE: dict[str, float] = {}

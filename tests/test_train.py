@@ -194,7 +194,7 @@ def test_auto_dtype_picks_bf16_only_where_it_was_measured_faster():
     cpu = torch.device("cpu")
     amx = torch.cpu._is_amx_tile_supported()
     auto = TrainConfig(preset="tiny")
-    assert _autocast_dtype(auto, cpu, 256) == (torch.bfloat16 if amx else None)  # `small` and wider, on AMX
-    assert _autocast_dtype(auto, cpu, 128) is None  # the demo's width: fp32 measured faster
+    assert _autocast_dtype(auto, cpu, 512) == (torch.bfloat16 if amx else None)  # `wide` and wider, on AMX
+    assert _autocast_dtype(auto, cpu, 256) is None  # `small`: fp32 faster with the default two threads
     assert _autocast_dtype(TrainConfig(preset="tiny", dtype="fp32"), cpu, 4096) is None
     assert _autocast_dtype(TrainConfig(preset="tiny", dtype="bf16"), cpu, 64) == torch.bfloat16
