@@ -19,9 +19,9 @@ import importlib.util
 import json
 import math
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +210,9 @@ class RewardRunner:
         self.proc = self.ctx.Process(target=_worker_main, args=(child, [s for s, _ in self.specs]), daemon=True)
         self.proc.start()
         self.conn = parent
-        deadline = time.monotonic() + 120
-        while not parent.poll(0.05) and self.proc.is_alive() and time.monotonic() < deadline:
-            pass  # a worker that dies while importing fails now, not after the deadline
+        # wake on the worker's "ready" or on its death (its sentinel), whichever comes first: a worker that dies
+        # while importing fails now, not after the timeout
+        mp_connection.wait([parent, self.proc.sentinel], timeout=120)
         try:
             ready = parent.poll(0) and parent.recv()[0] == "ready"
         except EOFError:  # the worker died and closed its end
