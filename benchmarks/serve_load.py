@@ -82,7 +82,8 @@ def scripted_small_model(root: Path, reasoning_tokens: int) -> Path:
 
     from nanoseek import synthetic
     from nanoseek.model import build
-    from nanoseek.tokenizer import END_THINK, SPECIAL_TOKENS, train_tokenizer
+    from nanoseek.reasoning import END_THINK
+    from nanoseek.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
     items = synthetic.generate("arithmetic", 3000) + synthetic.generate("countdown", 1000)
     (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(i) for i in items))

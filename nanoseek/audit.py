@@ -29,9 +29,7 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
-import threading
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -42,9 +40,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from .client import Endpoint, RequestFailed, normalize_url, redact_url
 from .metrics import read_log
+from .reasoning import split as split_reasoning
 
 LANGS = ("en", "zh", "ja")
 KINDS = ("sensitive", "control_history", "control_other_country", "control_benign_china", "over_refusal")
@@ -208,26 +207,7 @@ def suite_summary(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reasoning and answer
-
-
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-
-
-def split_reasoning(content: str | None, reasoning: str | None = None) -> tuple[str | None, str]:
-    """(reasoning, answer). A separate `reasoning_content` wins (DeepSeek's API, vLLM, `nanoseek serve`), else
-    `<think>...</think>` is split off the content. None = the output has no reasoning at all (a chat model, or a
-    reasoning parser that is off); "" = empty reasoning (R1's `<think>\\n\\n</think>` on some sensitive prompts).
-    Output that never closes `</think>` is all reasoning with an empty answer (cut by max_tokens)."""
-    text = content or ""
-    if reasoning is not None:
-        return reasoning.strip(), text.strip()
-    if _THINK_CLOSE in text:
-        head, answer = text.split(_THINK_CLOSE, 1)
-        return head.split(_THINK_OPEN, 1)[-1].strip(), answer.strip()
-    if text.lstrip().startswith(_THINK_OPEN):
-        return text.split(_THINK_OPEN, 1)[1].strip(), ""
-    return None, text.strip()
+# Language of an answer
 
 
 _CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.S)
@@ -561,197 +541,6 @@ def prf(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The endpoint
-
-
-def normalize_url(url: str) -> str:
-    """An OpenAI base URL: `http://host:port` gets `/v1` (what `nanoseek serve`, vLLM and SGLang serve)."""
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise AuditError(f"--url {redact_url(url)!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1")
-    return url + "/v1" if parts.path in ("", "/") else url
-
-
-def redact_url(url: str | None) -> str | None:
-    """The URL without user:password@ and query string (a key may hide there): what is written to disk."""
-    if not url:
-        return url
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else p.netloc,
-                       p.path, "", ""))
-
-
-class RateLimiter:
-    """At most `rps` request starts per second across all threads (hosted APIs enforce per-minute limits)."""
-
-    def __init__(self, rps: float | None) -> None:
-        self.interval = 1.0 / rps if rps else 0.0
-        self.next = 0.0
-        self.lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self.interval:
-            return
-        with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next)
-            self.next = start + self.interval
-        if start > now:
-            time.sleep(start - now)
-
-
-class Endpoint:
-    """An OpenAI-compatible chat endpoint through the `openai` client. Connection errors, timeouts, 408/409/429
-    and 5xx are retried with exponential backoff and jitter (honouring Retry-After); a rejected key, an unknown
-    model or a malformed request stop the audit with one clear line. The key lives only in the client."""
-
-    def __init__(self, url: str, model: str | None, api_key: str | None, *, timeout: float = 600.0,
-                 retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0, rps: float | None = None,
-                 what: str = "the endpoint") -> None:
-        from openai import OpenAI
-
-        self.url = normalize_url(url)
-        self.public_url = redact_url(self.url)
-        self.what = what
-        self._key = api_key or ""
-        # the client's own retries are off: ours are visible, counted and configurable
-        self.client = OpenAI(base_url=self.url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
-        self.model = model
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        self.limiter = RateLimiter(rps)
-        self.retried = 0
-        self._lock = threading.Lock()
-
-    def redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if len(self._key) >= 4 else text
-
-    def fatal(self, e: BaseException) -> AuditError | None:
-        """The AuditError for errors retrying cannot fix, else None."""
-        import openai
-
-        where = f"{self.what} {self.public_url}"
-        if isinstance(e, openai.AuthenticationError):
-            return AuditError(f"{where} rejected the API key (HTTP 401): pass --api-key or set $OPENAI_API_KEY")
-        if isinstance(e, openai.PermissionDeniedError):
-            return AuditError(f"{where} denied access (HTTP 403): {self.redact(_message(e))}")
-        if isinstance(e, openai.NotFoundError):
-            return AuditError(f"{where} has no model {self.model!r} or no chat completions route (HTTP 404): "
-                              f"{self.redact(_message(e))}")
-        if isinstance(e, openai.APIStatusError) and e.status_code in (400, 405, 413, 415, 422):
-            return AuditError(f"{where} rejected the request (HTTP {e.status_code}): {self.redact(_message(e))}")
-        return None
-
-    @staticmethod
-    def retryable(e: BaseException) -> bool:
-        import openai
-
-        if isinstance(e, openai.APIConnectionError):  # includes timeouts
-            return True
-        return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409, 429) or e.status_code >= 500)
-
-    def _delay(self, attempt: int, e: BaseException) -> float:
-        response = getattr(e, "response", None)
-        try:
-            retry_after = float(response.headers.get("retry-after")) if response is not None else None
-        except (TypeError, ValueError):
-            retry_after = None
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
-
-    def _unreachable(self, e: BaseException) -> AuditError:
-        return AuditError(f"cannot reach {self.what} {self.public_url} ({type(e).__name__}: "
-                          f"{self.redact(_message(e))}); is the server running and the URL right?")
-
-    def check(self) -> str:
-        """Fail fast: list the endpoint's models (connection and key problems show here, before any prompt) and
-        resolve the model name when not given (a server with one model: vLLM, `nanoseek serve`)."""
-        import openai
-
-        try:
-            ids = [m.id for m in self.client.models.list()]
-        except openai.APIConnectionError as e:
-            raise self._unreachable(e) from e
-        except openai.APIStatusError as e:
-            fatal = self.fatal(e)
-            if isinstance(e, openai.NotFoundError | openai.BadRequestError | openai.UnprocessableEntityError):
-                fatal = None  # some gateways have no /models; the first request will tell
-            if fatal is not None:
-                raise fatal from e
-            ids = []
-        if self.model is None:
-            if len(ids) != 1:
-                raise AuditError(f"{self.what} {self.public_url} serves {len(ids)} models"
-                                 f"{' (' + ', '.join(ids[:10]) + ')' if ids else ''}: pass --model NAME")
-            self.model = ids[0]
-        elif ids and self.model not in ids:
-            raise AuditError(f"{self.what} {self.public_url} does not serve {self.model!r}; it serves: "
-                             f"{', '.join(ids[:20])}")
-        return self.model
-
-    def chat(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
-        """One completion: {content, reasoning, finish_reason, usage}. Raises AuditError (stop the audit) or
-        ApiFailure (this request failed for good: recorded, retried by a later run)."""
-        import openai
-
-        for attempt in range(self.retries + 1):
-            self.limiter.wait()
-            try:
-                r = self.client.chat.completions.create(model=self.model, messages=messages, **params)
-                break
-            except Exception as e:
-                fatal = self.fatal(e)
-                if isinstance(e, openai.BadRequestError) and _CONTENT_RISK.search(_message(e)):
-                    raise ApiFailure(self.redact(_message(e)), blocked=True) from e  # the API's own filter
-                if fatal is not None:
-                    raise fatal from e
-                if not self.retryable(e) or attempt == self.retries:
-                    if isinstance(e, openai.APIConnectionError):
-                        raise self._unreachable(e) from e
-                    raise ApiFailure(f"{type(e).__name__}: {self.redact(_message(e))}") from e
-                with self._lock:
-                    self.retried += 1
-                time.sleep(self._delay(attempt, e))
-        if not r.choices:
-            raise ApiFailure("the response has no choices")
-        choice = r.choices[0]
-        msg = choice.message
-        extra = msg.model_extra or {}
-        # reasoning_content: DeepSeek's API, vLLM, nanoseek serve; reasoning: OpenRouter, newer vLLM
-        reasoning = getattr(msg, "reasoning_content", None)
-        if reasoning is None:
-            reasoning = extra.get("reasoning_content", extra.get("reasoning"))
-        usage = getattr(r, "usage", None)
-        return {"content": msg.content, "reasoning": reasoning if isinstance(reasoning, str) else None,
-                "finish_reason": choice.finish_reason, "model": getattr(r, "model", None),
-                "prompt_tokens": getattr(usage, "prompt_tokens", None),
-                "completion_tokens": getattr(usage, "completion_tokens", None)}
-
-
-# HTTP 400 bodies of content filters, e.g. DeepSeek's API: "Content Exists Risk"
-_CONTENT_RISK = re.compile(r"content.{0,20}risk|content[ _-]?(?:filter|policy|management)|moderation|"
-                           r"inappropriate|sensitive|safety system", re.I)
-
-
-class ApiFailure(Exception):
-    """One request failed after its retries (or was blocked by the API's filter): recorded, not fatal."""
-
-    def __init__(self, message: str, blocked: bool = False) -> None:
-        super().__init__(message)
-        self.blocked = blocked
-
-
-def _message(e: BaseException) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:500]
-    return str(e)[:500]
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -907,12 +696,12 @@ def run_audit(cfg: AuditConfig, endpoint: Endpoint | None = None) -> dict[str, A
         t0 = time.perf_counter()
         try:
             r = endpoint.chat(msgs, **kw)
-        except ApiFailure as e:
+        except RequestFailed as e:
             return rec | {"error": str(e), "blocked": e.blocked, "answer": "", "reasoning": None,
                           "latency_s": time.perf_counter() - t0}
-        reasoning, answer = split_reasoning(r["content"], r["reasoning"])
-        return rec | {"reasoning": reasoning, "answer": answer, "finish_reason": r["finish_reason"],
-                      "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+        out = split_reasoning(r.content, r.reasoning)
+        return rec | {"reasoning": out.reasoning, "answer": out.answer, "finish_reason": r.finish_reason,
+                      "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                       "latency_s": time.perf_counter() - t0}
 
     progress = progress_bar(cfg.progress)
@@ -1017,9 +806,9 @@ def run_judge(cfg: AuditConfig, out: Path, items: Sequence[dict[str, Any]], prog
         try:
             r = judge.chat(judge_messages(it, rec.get("answer") or ""), temperature=0.0,
                            max_tokens=cfg.judge_max_tokens)
-        except ApiFailure as e:
+        except RequestFailed as e:
             return base | {"label": "error", "error": str(e)}
-        _, text = split_reasoning(r["content"], r["reasoning"])
+        text = split_reasoning(r.content, r.reasoning).answer
         return base | {"label": parse_judge(text), "raw": text[:500]}
 
     bar_ctx = progress_bar(progress)

@@ -12,15 +12,12 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .serve import ReasoningSplitter, detect_reasoning
-from .tokenizer import END_THINK
+from .reasoning import END_THINK, StreamSplitter, detect_reasoning
 
 HELP = """commands:
   /think          show or hide the thinking while it streams (hidden: one summary line)
@@ -79,7 +76,7 @@ class LocalBackend:
             temperature=sampling.get("temperature", self.defaults.get("temperature", 1.0)),
             top_p=sampling.get("top_p", self.defaults.get("top_p", 1.0)))
         rid = self.engine.add_request(ids, params)
-        splitter = ReasoningSplitter(self.reasoning, self.end_think)
+        splitter = StreamSplitter(self.reasoning, self.end_think)
         self.stats = TurnStats()
         done = False
         try:
@@ -104,68 +101,33 @@ class LocalBackend:
 
 
 class HTTPBackend:
-    """Any OpenAI-compatible server: streamed /v1/chat/completions, reasoning from `reasoning_content` (DeepSeek,
-    vLLM) or `reasoning` (vLLM's newer name). Standard library only, so it needs no client package."""
+    """Any OpenAI-compatible server (`nanoseek serve`, vLLM, DeepSeek's API) through the project's one client:
+    streamed chat completions read by the `openai` library, reasoning from `reasoning_content` or `reasoning`."""
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600) -> None:
-        self.base = url.rstrip("/").removesuffix("/v1")
-        self.api_key, self.timeout = api_key, timeout
-        self.name = model or self._first_model()
-        self.stats = TurnStats()
+        from .client import Endpoint, EndpointError
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, headers=headers)
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read())["error"]["message"]
-            except Exception:  # not an OpenAI-shaped error body
-                message = e.reason
-            raise ChatError(f"{e.code}: {message}") from None
-        except urllib.error.URLError as e:
-            raise ChatError(f"cannot reach {self.base}: {e.reason}") from None
-
-    def _first_model(self) -> str:
-        with self._request("/v1/models") as r:
-            data = json.loads(r.read())["data"]
-        if not data:
-            raise ChatError(f"{self.base} serves no model")
-        return data[0]["id"]
+            self.endpoint = Endpoint(url, model, api_key, timeout=timeout, retries=2, what="the server",
+                                     model_flag="--served-model", key_env="NANOSEEK_API_KEY")
+            self.name = self.endpoint.model
+        except EndpointError as e:
+            raise ChatError(str(e)) from None
+        self.stats = TurnStats()
 
     def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
-        body = {"model": self.name, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
-                **{k: v for k, v in sampling.items() if v is not None}}
+        from .client import EndpointError, RequestFailed
+
         self.stats = TurnStats()
-        with self._request("/v1/chat/completions", body) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise ChatError(chunk["error"].get("message", "error"))
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    self.stats.completion_tokens = u.get("completion_tokens", 0)
-                    self.stats.reasoning_tokens = (u.get("completion_tokens_details") or {}).get(
-                        "reasoning_tokens", 0)
-                for choice in chunk.get("choices", []):
-                    delta = choice.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
-                        yield "reasoning", reasoning
-                    if delta.get("content"):
-                        yield "content", delta["content"]
-                    if choice.get("finish_reason"):
-                        self.stats.finish_reason = choice["finish_reason"]
+        try:
+            for kind, value in self.endpoint.stream(messages, **{k: v for k, v in sampling.items() if v is not None}):
+                if kind == "done":
+                    self.stats = TurnStats(value.finish_reason, value.completion_tokens or 0,
+                                           value.reasoning_tokens or 0)
+                else:
+                    yield kind, value
+        except (EndpointError, RequestFailed) as e:
+            raise ChatError(str(e)) from None
 
 
 class Style:
@@ -311,7 +273,7 @@ def run_chat(model: str | None = None, url: str | None = None, *, api_key: str |
         backend = LocalBackend(model, max_model_len=max_model_len, reasoning_parser=reasoning_parser, seed=seed)
     else:
         try:
-            backend = HTTPBackend(url, api_key or os.environ.get("NANOSEEK_API_KEY"), served_model)  # type: ignore
+            backend = HTTPBackend(url, api_key, served_model)  # type: ignore[arg-type]
         except ChatError as e:
             raise ValueError(str(e)) from None
     if sys.stdin.isatty():

@@ -159,13 +159,14 @@ def _publish(src: Path, dst: Path) -> Path:
 def chat_document(item: dict[str, Any], tok: Any) -> str:
     """One training document in the R1 chat format, reasoning kept (the plain template would drop it)."""
     from . import synthetic
+    from .reasoning import join as join_reasoning
 
     messages = synthetic.to_messages(item)
     prompt = tok.render_chat(messages[:-1], add_generation_prompt=True)
     if tok.bos_token and prompt.startswith(tok.bos_token):
         prompt = prompt[len(tok.bos_token):]  # data.prepare adds BOS (and EOS) to every document
     last = messages[-1]
-    return f"{prompt}{last['reasoning_content']}\n</think>\n\n{last['content']}"
+    return prompt + join_reasoning(last["reasoning_content"], last["content"])
 
 
 def stage_data(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:

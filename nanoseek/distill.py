@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import threading
 import time
 import unicodedata
 import zlib
@@ -43,8 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from . import synthetic
+from .client import Endpoint, EndpointError, RequestFailed
 from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, read_log, truncate_jsonl
-from .tokenizer import END_THINK, THINK, Tokenizer
+from .reasoning import THINK, Split
+from .reasoning import join as join_reasoning
+from .reasoning import split as split_reasoning
+from .tokenizer import Tokenizer
 
 SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.jsonl", "stats.json", "generate.json"
 # what the teacher is and how it samples: one log holds one teacher's samples. (The prompt set may change: log records
@@ -139,27 +142,15 @@ def make_verifier(prompts: str, verifier: str | None = None) -> tuple[Verifier |
 # completions: reasoning and answer
 
 
-def parse_completion(text: str, reasoning: str | None = None, prefilled: bool = True) -> dict[str, Any]:
-    """Split a teacher's output into reasoning and answer.
-
-    `reasoning` is an endpoint's separate `reasoning_content` (DeepSeek's API, vLLM/SGLang reasoning parsers,
-    `nanoseek serve`); otherwise the text is split at its last `</think>`. `prefilled`: the prompt already opened
-    `<think>` (R1's template ends the generation prompt with `<think>\\n`), so text without `</think>` is reasoning
-    that never finished; without a prefill such text is an answer with no reasoning."""
-    if reasoning:
-        return {"reasoning": reasoning.strip(), "answer": (text or "").strip(), "closed": True}
-    text = text or ""
-    if END_THINK in text:
-        head, _, answer = text.rpartition(END_THINK)
-        return {"reasoning": head.split(THINK, 1)[-1].strip(), "answer": answer.strip(), "closed": True}
-    if prefilled or text.lstrip().startswith(THINK):
-        return {"reasoning": text.split(THINK, 1)[-1].strip(), "answer": "", "closed": False}
-    return {"reasoning": "", "answer": text.strip(), "closed": True}
+def sample_fields(out: Split) -> dict[str, Any]:
+    """A sample's reasoning fields from the one reasoning split: no reasoning at all is stored as "" (the filter
+    rejects both alike: an empty reasoning teaches nothing R1-like)."""
+    return {"reasoning": out.reasoning or "", "answer": out.answer, "closed": out.closed}
 
 
 def completion_text(sample: dict[str, Any]) -> str:
     """The text a verifier grades: reasoning, `</think>`, answer (verifiers read the answer after `</think>`)."""
-    return f"{sample['reasoning']}\n{END_THINK}\n\n{sample['answer']}"
+    return join_reasoning(sample["reasoning"], sample["answer"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -404,96 +395,41 @@ class LocalTeacher:
             samples = []
             for o in outs[i * k:(i + 1) * k]:
                 text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
-                samples.append({**parse_completion(text, prefilled=self.prefilled),
+                samples.append({**sample_fields(split_reasoning(text, prefilled=self.prefilled)),
                                 "finish_reason": o.finish_reason, "prompt_tokens": len(prompts[i]),
                                 "completion_tokens": len(o.token_ids)})
             result.append(samples)
         return result
 
 
-class TeacherError(ValueError):
-    """A teacher request failed in a way retrying cannot fix (bad URL path, key, model name, request)."""
-
-
 class RemoteTeacher:
-    """Any OpenAI-compatible chat endpoint through the `openai` client (DeepSeek's API, vLLM, SGLang, `nanoseek
-    serve`). One request per sample, `concurrency` in flight; connection errors, timeouts, 408/409/429 and 5xx are
-    retried with exponential backoff and jitter (honouring Retry-After), other 4xx fail the run at once."""
+    """Any OpenAI-compatible chat endpoint (DeepSeek's API, vLLM, SGLang, `nanoseek serve`) through the project's
+    one client (nanoseek/client.py: its retry policy, Retry-After cap and errors). One request per sample,
+    `concurrency` in flight; a request that still fails after its retries fails its prompt for this run
+    (`RequestFailed`), an error retrying cannot fix stops the run (`EndpointError`)."""
 
     def __init__(self, url: str, model: str | None, *, api_key: str | None = None, temperature: float = 0.6,
                  top_p: float = 0.95, max_tokens: int = 512, seed: int = 0, retries: int = 5, backoff: float = 1.0,
                  max_backoff: float = 60.0, timeout: float = 600.0, send_seed: bool = True) -> None:
-        from openai import OpenAI
+        self.endpoint = Endpoint(url, model, api_key, timeout=timeout, retries=retries, backoff=backoff,
+                                 max_backoff=max_backoff, what="the teacher", flag="--teacher-url",
+                                 model_flag="--teacher-model")
+        self.name = self.endpoint.name  # a server with one model (vLLM, `nanoseek serve`) is asked for its name
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.seed, self.send_seed = seed, send_seed
 
-        # the client's own retries are off: ours are visible, counted and configurable
-        self.client = OpenAI(base_url=url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                             max_retries=0, timeout=timeout)
-        if model is None:  # a server that serves one model (vLLM, `nanoseek serve`): ask for its name
-            try:
-                ids = [m.id for m in self.client.models.list()]
-            except Exception as e:
-                raise TeacherError(f"cannot list the models at {url} ({type(e).__name__}: {e}); pass "
-                                   "--teacher-model NAME") from e
-            if len(ids) != 1:
-                raise ValueError(f"{url} serves {len(ids)} models ({', '.join(ids[:10])}): pass --teacher-model")
-            model = ids[0]
-        self.name = f"{model}@{url}"
-        self.model, self.temperature, self.top_p, self.max_tokens = model, temperature, top_p, max_tokens
-        self.seed, self.retries, self.backoff, self.max_backoff = seed, retries, backoff, max_backoff
-        self.send_seed = send_seed
-        self.retried = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def retryable(e: BaseException) -> bool:
-        import openai
-
-        if isinstance(e, openai.APIConnectionError):  # includes timeouts
-            return True
-        if isinstance(e, openai.APIStatusError):
-            return e.status_code in (408, 409, 429) or e.status_code >= 500
-        return False
-
-    def _delay(self, attempt: int, e: BaseException) -> float:
-        retry_after = None
-        response = getattr(e, "response", None)
-        if response is not None:
-            try:
-                retry_after = float(response.headers.get("retry-after"))
-            except (TypeError, ValueError):
-                retry_after = None
-        base = min(self.max_backoff, self.backoff * 2**attempt)
-        return retry_after if retry_after is not None else base * (0.5 + random.random())
+    @property
+    def retried(self) -> int:
+        return self.endpoint.retried
 
     def sample(self, prompt_id: str, messages: list[dict[str, Any]], j: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                                  "top_p": self.top_p, "max_tokens": self.max_tokens}
+        kwargs: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
         if self.send_seed:
             kwargs["seed"] = _sample_seed(self.seed, prompt_id, j) % 2**31
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.client.chat.completions.create(**kwargs)
-                break
-            except Exception as e:
-                if not self.retryable(e):
-                    raise TeacherError(f"teacher request failed: {type(e).__name__}: {e}") from e
-                if attempt == self.retries:
-                    raise
-                with self._lock:
-                    self.retried += 1
-                time.sleep(self._delay(attempt, e))
-        choice = r.choices[0]
-        msg = choice.message
-        extra = msg.model_extra or {}
-        # `reasoning_content` (DeepSeek's API, nanoseek serve, SGLang); `reasoning` (newer vLLM, OpenRouter)
-        reasoning = getattr(msg, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
-        # without reasoning_content the reasoning is inline: R1-style servers start with <think> or (when the
-        # template pre-filled it) end it with </think>; plain chat models have none
-        out = parse_completion(msg.content or "", reasoning=reasoning, prefilled=False)
-        usage = getattr(r, "usage", None)
-        return {**out, "finish_reason": choice.finish_reason,
-                "prompt_tokens": getattr(usage, "prompt_tokens", None),
-                "completion_tokens": getattr(usage, "completion_tokens", None)}
+        r = self.endpoint.chat(messages, **kwargs)
+        # no prefill: a remote template's prompt is not ours, so text without any tag is an answer without reasoning
+        return {**sample_fields(split_reasoning(r.content, r.reasoning)), "finish_reason": r.finish_reason,
+                "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -699,10 +635,10 @@ def _generate_remote(teacher: RemoteTeacher, todo: list[dict[str, Any]], cfg: Ge
                 i, j = pending.pop(fut)
                 try:
                     sample = fut.result()
-                except TeacherError as e:
+                except EndpointError as e:
                     fatal = fatal or e
                     continue
-                except Exception:  # retries exhausted: give up on this prompt for this run
+                except RequestFailed:  # retries exhausted: give up on this prompt for this run
                     if i not in broken:
                         broken.add(i)
                         failed.append(todo[i]["id"])

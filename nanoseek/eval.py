@@ -127,8 +127,10 @@ class EvalConfig:
             raise ValueError("give exactly one of --model DIR or --url URL")
         if self.k < 1 or self.n < 1:
             raise ValueError(f"k and n must be >= 1, got k={self.k}, n={self.n}")
-        if self.url and not self.served_model:
-            raise ValueError("--url needs --served-model NAME (the model name at the endpoint)")
+        if self.url is not None:
+            from .client import normalize_url
+
+            self.url = normalize_url(self.url)
 
 
 def _local_sampler(cfg: EvalConfig):
@@ -155,18 +157,18 @@ def _local_sampler(cfg: EvalConfig):
 
 
 def _remote_sampler(cfg: EvalConfig):
-    from openai import OpenAI
+    from .client import Endpoint
+    from .reasoning import join as join_reasoning
+    from .reasoning import split as split_reasoning
 
-    client = OpenAI(base_url=cfg.url, api_key=cfg.api_key or "EMPTY", max_retries=3)
+    endpoint = Endpoint(cfg.url, cfg.served_model, cfg.api_key, model_flag="--served-model")  # type: ignore[arg-type]
 
     def one(prompt: str, temperature: float, seed: int) -> str:
-        r = client.chat.completions.create(
-            model=cfg.served_model, messages=[{"role": "user", "content": prompt}], temperature=temperature,
-            top_p=cfg.top_p if temperature else 1.0, max_tokens=cfg.max_tokens, seed=seed)
-        msg = r.choices[0].message
-        reasoning = getattr(msg, "reasoning_content", None) or (msg.model_extra or {}).get("reasoning_content")
-        content = msg.content or ""
-        return f"{reasoning}\n</think>\n\n{content}" if reasoning else content
+        r = endpoint.chat([{"role": "user", "content": prompt}], temperature=temperature,
+                          top_p=cfg.top_p if temperature else 1.0, max_tokens=cfg.max_tokens, seed=seed)
+        # graders read the answer after "</think>": the R1 format, whether the endpoint split the reasoning or not
+        out = split_reasoning(r.content, r.reasoning)
+        return join_reasoning(out.reasoning, out.answer)
 
     def run(items: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:
         jobs = [(i, j) for i in range(len(items)) for j in range(k)]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import synthetic
+from .reasoning import split as split_reasoning
 
 RewardFn = Callable[..., list[float]]
 
@@ -61,7 +62,7 @@ def math_verify_accuracy(completions: list[str], answer: list[Any], **_: Any) ->
 
     out = []
     for c, a in zip(completions, answer):
-        tail = c.rsplit("</think>", 1)[-1]
+        tail = split_reasoning(c).answer
         found = _ANSWER_ONLY.findall(tail)
         pred = found[-1] if found else tail
         gold = parse(_as_math(str(a)))

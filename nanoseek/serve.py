@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server over the engine, with DeepSeek-R1's reasoning split and a web chat page.
 
-Read top to bottom: the reasoning split (ReasoningSplitter: `<think>...</think>` -> reasoning_content / content, as
-vLLM's deepseek_r1 parser and DeepSeek's own API) -> OpenAI-shaped errors -> request parsing (every parameter
+Read top to bottom (the reasoning split, `<think>...</think>` -> reasoning_content / content as vLLM's deepseek_r1
+parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> request parsing (every parameter
 checked, unsupported ones rejected naming the `param`) -> the engine thread (one thread runs Engine.step() in a
 loop; each HTTP request waits on its own asyncio queue) -> Prometheus metrics -> the FastAPI app (chat
 completions, completions, models, health, metrics, the static web page) -> serve() and a background server for
@@ -34,140 +34,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from .infer import Engine, RequestOutput, SamplingParams, parse_dtype
-from .tokenizer import END_THINK, THINK, Tokenizer
+from .reasoning import END_THINK, StreamSplitter, detect_reasoning
+from .tokenizer import Tokenizer
 
 log = logging.getLogger("nanoseek.serve")
-
-REASONING_PARSERS = ("auto", "deepseek_r1", "none")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reasoning split (DeepSeek-R1)
-
-
-class ReasoningSplitter:
-    """Splits a model's streamed output text into reasoning and answer, the way DeepSeek's API returns R1 output.
-
-    As vLLM's deepseek_r1 parser, the output is reasoning until `</think>`, whether or not it opens with `<think>`:
-    R1's updated template pre-fills `<think>\\n` in the prompt, so the model never writes the opening tag. Output
-    that never reaches `</think>` (cut by max_tokens, EOS or a stop string) is all reasoning and the answer is None.
-    The reasoning is stripped and the answer left-stripped (the `\\n` and `\\n\\n` around the tags of
-    `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`, the format R1 is trained on), so streaming holds back trailing
-    whitespace and a possible partial tag until the next text resolves them: the concatenated deltas equal the
-    one-shot split, however the text is chunked.
-
-    Reasoning tokens are counted by token id when `</think>` is one token (DeepSeek's vocabularies, nanoseek's),
-    else by the state when each delta arrives.
-    """
-
-    def __init__(self, enabled: bool = True, end_token_id: int | None = None) -> None:
-        self.enabled, self.end_token_id = enabled, end_token_id
-        self.state = "open" if enabled else "content"  # open -> reasoning -> after -> content
-        self.buf = ""
-        self.reasoning, self.content = "", ""
-        self.reasoning_tokens = 0
-        self._end_token_seen = False
-
-    def feed(self, text: str, token_ids: Sequence[int] = ()) -> tuple[str, str]:
-        """Add an output delta; returns the (reasoning, content) text that can be released now."""
-        if self.enabled:
-            self._count(token_ids)
-        self.buf += text
-        r, c = self._advance(final=False)
-        self.reasoning += r
-        self.content += c
-        return r, c
-
-    def finish(self) -> tuple[str, str]:
-        """Release what was held back (the output ended)."""
-        r, c = self._advance(final=True)
-        self.reasoning += r
-        self.content += c
-        return r, c
-
-    @property
-    def in_reasoning(self) -> bool:
-        return self.state in ("open", "reasoning")
-
-    @property
-    def reasoning_content(self) -> str | None:
-        return self.reasoning if self.enabled else None
-
-    @property
-    def answer(self) -> str | None:
-        """The answer; None when the output stopped before `</think>`."""
-        return None if self.in_reasoning else self.content
-
-    def _count(self, token_ids: Sequence[int]) -> None:
-        if self.end_token_id is None:
-            if self.in_reasoning:
-                self.reasoning_tokens += len(token_ids)
-            return
-        for t in token_ids:
-            if self._end_token_seen:
-                break
-            self.reasoning_tokens += 1  # the closing tag counts as reasoning
-            self._end_token_seen = t == self.end_token_id
-
-    def _advance(self, final: bool) -> tuple[str, str]:
-        r, c = [], []
-        while True:
-            buf = self.buf
-            if self.state == "open":  # before any reasoning text: drop whitespace and one opening <think>
-                s = buf.lstrip()
-                if s.startswith(THINK):
-                    self.buf, self.state = s[len(THINK):], "reasoning"
-                    continue
-                if not s or (THINK.startswith(s) and not final):
-                    self.buf = s  # nothing yet, or maybe the start of <think>
-                    break
-                self.buf, self.state = s, "reasoning"
-            elif self.state == "reasoning":
-                s = buf.lstrip() if not self.reasoning and not r else buf
-                i = s.find(END_THINK)
-                if i >= 0:
-                    r.append(s[:i].rstrip())
-                    self.buf, self.state = s[i + len(END_THINK):], "after"
-                    continue
-                if final:
-                    r.append(s.rstrip())
-                    self.buf = ""
-                    break
-                keep = _partial_suffix(s, END_THINK)
-                body = s[: len(s) - keep]
-                out = body.rstrip()  # trailing whitespace waits: it may be the "\n" before </think>
-                r.append(out)
-                self.buf = s[len(out):]
-                break
-            elif self.state == "after":  # the answer starts at its first non-whitespace character
-                s = buf.lstrip()
-                self.buf = s
-                if not s:
-                    break
-                self.state = "content"
-            else:
-                c.append(buf)
-                self.buf = ""
-                break
-        return "".join(r), "".join(c)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
-def detect_reasoning(tokenizer: Tokenizer, parser: str = "auto") -> bool:
-    """Whether to split reasoning: `auto` turns it on for chat templates that mention <think> (R1's, nanoseek's)."""
-    if parser not in REASONING_PARSERS:
-        raise ValueError(f"unknown reasoning parser {parser!r}; choose from {', '.join(REASONING_PARSERS)}")
-    if parser != "auto":
-        return parser == "deepseek_r1"
-    return bool(tokenizer.chat_template) and THINK in tokenizer.chat_template  # type: ignore[operator]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors, shaped as OpenAI's: {"error": {"message", "type", "param", "code"}}
@@ -764,7 +634,7 @@ class Server:
                 "text_offset": offsets}
 
     def _usage(self, req: GenerationRequest, outs: dict[int, RequestOutput],
-               splitters: list[ReasoningSplitter] | None) -> dict[str, Any]:
+               splitters: list[StreamSplitter] | None) -> dict[str, Any]:
         prompt = sum(len(p) for p in req.prompts)
         completion = sum(o.completion_tokens for o in outs.values())
         usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -773,13 +643,13 @@ class Server:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(s.reasoning_tokens for s in splitters)}
         return usage
 
-    def _splitters(self, req: GenerationRequest) -> list[ReasoningSplitter] | None:
+    def _splitters(self, req: GenerationRequest) -> list[StreamSplitter] | None:
         if req.kind != "chat":
             return None
-        return [ReasoningSplitter(self.reasoning, self.end_think_id) for _ in range(req.num_sequences)]
+        return [StreamSplitter(self.reasoning, self.end_think_id) for _ in range(req.num_sequences)]
 
     async def _collect(self, request: Request, req: GenerationRequest, sub: _Submission) -> tuple[
-            dict[int, RequestOutput], list[ReasoningSplitter] | None]:
+            dict[int, RequestOutput], list[StreamSplitter] | None]:
         """Non-streaming: merge the deltas; a watcher ends the wait (and so aborts) if the client disconnects."""
         outs: dict[int, RequestOutput] = {}
         splitters = self._splitters(req)

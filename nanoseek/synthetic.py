@@ -20,6 +20,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from .reasoning import split as split_reasoning
+
 TASKS = ("arithmetic", "countdown")
 TEST_PERMILLE = 100  # 10 % of all problems are held out
 ANSWER_INSTRUCTION = " Give the final answer in <answer> </answer> tags."
@@ -227,8 +229,8 @@ _EQUATION_CHARS = re.compile(r"[\d\s+\-*/()]+")
 
 
 def extract_answer(completion: str) -> str | None:
-    """The last <answer>...</answer> after the reasoning (after the last </think>, if any)."""
-    found = _ANSWER.findall(completion.rsplit("</think>", 1)[-1])
+    """The last <answer>...</answer> in the answer (after the reasoning, by the one reasoning split)."""
+    found = _ANSWER.findall(split_reasoning(completion).answer)
     return found[-1].strip() if found else None
 
 
@@ -241,7 +243,7 @@ def arithmetic_answer(completion: str) -> int | None:
     """The integer a completion answers: from <answer> tags, or else the last number after the reasoning."""
     answer = extract_answer(completion)
     if answer is None:
-        numbers = _LAST_NUMBER.findall(completion.rsplit("</think>", 1)[-1])
+        numbers = _LAST_NUMBER.findall(split_reasoning(completion).answer)
         answer = numbers[-1] if numbers else ""
     return _parse_int(answer)
 

@@ -22,12 +22,14 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from .reasoning import END_THINK, THINK
+from .reasoning import split as split_reasoning
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
 TOOL_TOKENS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
                "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
                "<｜tool▁output▁end｜>")
@@ -240,7 +242,7 @@ class Tokenizer:
         history, last = list(messages[:-1]), messages[-1]
         if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
             raise ValueError("the last message must be an assistant message with string content (the SFT target)")
-        reasoning, answer = split_reasoning(last)
+        reasoning, answer = message_reasoning(last)
 
         pieces = self._history_pieces(history, all_turns)
         head = "".join(text for text, _ in pieces)
@@ -277,6 +279,8 @@ class Tokenizer:
             delta, done = text[len(done):], text
             trained = ""
             if m.get("role") == "assistant" and isinstance(m.get("content"), str):
+                # the *template's* rule for past turns (DeepSeek's official template keeps the text after the last
+                # </think>), mirrored here so the trained span is exactly what the template renders
                 answer = m["content"].split(END_THINK)[-1] + (self.eos_token or "")
                 if delta.endswith(answer):
                     trained = answer
@@ -284,16 +288,15 @@ class Tokenizer:
         return pieces
 
 
-def split_reasoning(message: dict[str, Any]) -> tuple[str, str]:
-    """(reasoning, answer) of an assistant message: `reasoning_content`, or an inline <think>...</think>."""
+def message_reasoning(message: dict[str, Any]) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message by the one reasoning split (nanoseek/reasoning.py):
+    `reasoning_content`, or an inline `<think>...</think>` in `content`, split at the first `</think>`."""
     content = message.get("content") or ""
-    reasoning = message.get("reasoning_content")
-    if END_THINK in content:
-        if reasoning:
-            raise ValueError("assistant message has both reasoning_content and an inline </think>")
-        inline, _, content = content.rpartition(END_THINK)
-        reasoning = inline.split(THINK, 1)[-1]
-    return (reasoning or "").strip(), content.strip()
+    field = message.get("reasoning_content")
+    if field is not None and END_THINK in content:
+        raise ValueError("assistant message has both reasoning_content and an inline </think>")
+    out = split_reasoning(content, field)
+    return out.reasoning or "", out.answer
 
 
 def _jinja_env():

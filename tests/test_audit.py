@@ -25,7 +25,6 @@ from nanoseek.audit import (
     LABELS,
     LANGS,
     SENSITIVE_CATEGORIES,
-    ApiFailure,
     AuditConfig,
     AuditError,
     analyse,
@@ -41,9 +40,9 @@ from nanoseek.audit import (
     mcnemar_exact,
     prf,
     run_audit,
-    split_reasoning,
     wilson,
 )
+from nanoseek.client import Reply, RequestFailed
 
 # ---------------------------------------------------------------------------------------------------------------
 # the classifier on the labelled set (labelled before the classifier existed; never relabelled to fit it)
@@ -111,13 +110,7 @@ def test_analyse_flags_and_reasoning() -> None:
     assert analyse({"error": "HTTP 500", "answer": ""}, it)["label"] == "error"
 
 
-def test_split_reasoning_and_language() -> None:
-    assert split_reasoning("answer", "thoughts") == ("thoughts", "answer")
-    assert split_reasoning("<think>\nhm\n</think>\n\nyes") == ("hm", "yes")
-    assert split_reasoning("hm</think>yes") == ("hm", "yes")  # template pre-filled <think>
-    assert split_reasoning("<think>\n\n</think>\n\nno") == ("", "no")  # R1's empty reasoning
-    assert split_reasoning("<think>still thinking") == ("still thinking", "")
-    assert split_reasoning("plain") == (None, "plain")
+def test_language_detection() -> None:  # the reasoning split is tested in test_reasoning.py
     assert detect_lang("This is plainly an English sentence with words.") == "en"
     assert detect_lang("这是一个中文句子，用来测试语言检测。") == "zh"
     assert detect_lang("これは日本語の文です。言語検出のテストです。") == "ja"
@@ -209,18 +202,18 @@ class FakeEndpoint:
     def check(self) -> str:
         return "censored" if self.censored else "open"
 
-    def chat(self, messages: list[dict[str, str]], **kw: Any) -> dict[str, Any]:
+    def chat(self, messages: list[dict[str, str]], **kw: Any) -> Reply:
         self.calls += 1
         it = self.by_prompt[messages[-1]["content"]]
         if it["id"] in self.fail:
-            raise ApiFailure("HTTP 503 after retries")
+            raise RequestFailed("HTTP 503 after retries")
         if self.censored and it["kind"] == "sensitive":
             content = {"en": "Sorry, I can't answer that.", "zh": "抱歉，我无法回答这个问题。",
                        "ja": "申し訳ありませんが、お答えできません。"}[it["lang"]]
         else:  # the first alternative of each fact's first pattern, as plain text
             content = " ".join(f["patterns"][0].split("|")[0].replace("\\b", "") for f in it["key_facts"]) or "OK."
-        return {"content": content, "reasoning": "thinking", "finish_reason": "stop", "model": "m",
-                "prompt_tokens": 1, "completion_tokens": 1}
+        return Reply(content=content, reasoning="thinking", finish_reason="stop", model="m", prompt_tokens=1,
+                     completion_tokens=1)
 
 
 class FakeJudge:
@@ -229,11 +222,11 @@ class FakeJudge:
     def check(self) -> str:
         return "judge"
 
-    def chat(self, messages: list[dict[str, str]], **kw: Any) -> dict[str, Any]:
+    def chat(self, messages: list[dict[str, str]], **kw: Any) -> Reply:
         answer = messages[-1]["content"].split("ANSWER:\n", 1)[1]
         label = "refused" if any(w in answer for w in ("can't", "无法", "できません")) else "answered"
-        return {"content": json.dumps({"label": label, "reason": "x"}), "reasoning": None, "finish_reason": "stop",
-                "model": "judge", "prompt_tokens": 1, "completion_tokens": 1}
+        return Reply(content=json.dumps({"label": label, "reason": "x"}), reasoning=None, finish_reason="stop",
+                     model="judge", prompt_tokens=1, completion_tokens=1)
 
 
 def suite_file(path: Path, qids: list[str]) -> Path:
@@ -295,55 +288,8 @@ def test_scripted_run_resume_judge_and_compare(tmp_path: Path, monkeypatch: pyte
     assert json.loads((tmp_path / "cmp2" / "compare.json").read_text())["shared_prompts"] == len(items)
 
 
-class _Response:  # what openai's status errors read from an HTTP response (the HTTP library varies by version)
-    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
-        self.status_code, self.headers, self.request = status, headers or {}, None
-
-
-def _status_error(cls: type, status: int, message: str, headers: dict[str, str] | None = None) -> Exception:
-    return cls(message, response=_Response(status, headers), body={"error": {"message": message}})
-
-
-def test_endpoint_retries_filters_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    import openai
-
-    ep = audit.Endpoint("http://127.0.0.1:9", "m", "sk-secret-key", retries=2, backoff=0.01)
-    assert ep.url == "http://127.0.0.1:9/v1"  # a bare host gets /v1
-    script: list[Any] = []
-
-    class Msg:
-        content, model_extra = "<think>hm</think>ok", {}
-
-    class Resp:
-        choices = [type("C", (), {"message": Msg(), "finish_reason": "stop"})()]
-        usage, model = None, "m"
-
-    def create(**kw: Any) -> Any:
-        item = script.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    monkeypatch.setattr(ep.client.chat.completions, "create", create)
-    script[:] = [_status_error(openai.RateLimitError, 429, "slow down", {"retry-after": "0"}),
-                 _status_error(openai.InternalServerError, 503, "busy"), Resp()]
-    r = ep.chat([{"role": "user", "content": "hi"}])
-    assert ep.retried == 2 and r["content"] == "<think>hm</think>ok" and r["reasoning"] is None
-    assert split_reasoning(r["content"], r["reasoning"]) == ("hm", "ok")
-    script[:] = [_status_error(openai.InternalServerError, 500, "down")] * 3  # retries exhausted: recorded
-    with pytest.raises(ApiFailure, match="down"):
-        ep.chat([{"role": "user", "content": "hi"}])
-    script[:] = [_status_error(openai.BadRequestError, 400, "Content Exists Risk")]  # the API's own filter
-    with pytest.raises(ApiFailure) as info:
-        ep.chat([{"role": "user", "content": "hi"}])
-    assert info.value.blocked
-    script[:] = [_status_error(openai.BadRequestError, 400, "unknown parameter: seed")]  # a bad request: stop
-    with pytest.raises(AuditError, match="rejected the request"):
-        ep.chat([{"role": "user", "content": "hi"}])
-    script[:] = [_status_error(openai.AuthenticationError, 401, "bad key sk-secret-key")]
-    with pytest.raises(AuditError, match="rejected the API key") as info:
-        ep.chat([{"role": "user", "content": "hi"}])
-    assert "sk-secret-key" not in str(info.value)
+def test_config_never_stores_keys_or_credentials() -> None:
+    # the client's retries, errors and redaction are tested in test_client.py against a fake HTTP server
     assert audit.redact_url("https://user:pw@host:8443/v1?key=abc") == "https://host:8443/v1"
     pub = AuditConfig(url="http://u:p@h/v1?k=1", api_key="k", judge_url="http://j", judge_api_key="j").public()
     assert pub["url"] == "http://h/v1" and "judge_api_key" not in pub

@@ -120,7 +120,6 @@ def test_chat_against_a_server_url(model_dir: Path) -> None:
         text, repl = drive(backend, ["hi", "/thoughts"], color="never", sampling={"temperature": 0})
         assert f"(thinking… 1 word; /thoughts shows it)\n{ANSWER}" in text and "finish: stop" in text
         assert "11 tokens (6 thinking)" in text and repl.last_reasoning == REASONING
-        bad = HTTPBackend(url, api_key="k1", model="r1")
-        bad.api_key = "wrong"
+        bad = HTTPBackend(url, api_key="wrong", model="r1")  # a named model: nothing asked before the first turn
         text, _ = drive(bad, ["hi"], color="never")
-        assert "error: 401: Incorrect API key provided." in text
+        assert f"error: the server {url}/v1 rejected the API key (HTTP 401)" in text

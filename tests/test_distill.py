@@ -21,25 +21,27 @@ import pytest
 import torch
 
 from nanoseek import build
+from nanoseek.client import EndpointError
 from nanoseek.distill import (
     FilterConfig,
     GenerateConfig,
     KDConfig,
     LocalTeacher,
     SFTConfig,
-    TeacherError,
     TraceFilter,
     check_same_vocabulary,
+    completion_text,
     foreign_fraction,
     generate,
     kd,
     load_prompts,
     make_verifier,
-    parse_completion,
     read_log,
+    sample_fields,
     sft,
     token_divergence,
 )
+from nanoseek.reasoning import split as split_reasoning
 from nanoseek.synthetic import generate as synth_items
 from nanoseek.synthetic import synth, to_text
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
@@ -63,19 +65,19 @@ def dirs(tmp_path_factory):
 # parsing and filtering
 
 
-def test_parse_completion_variants():
-    assert parse_completion("ans", reasoning="think hard") == {"reasoning": "think hard", "answer": "ans",
-                                                               "closed": True}
-    # local engine output after the template's "<think>\n" pre-fill
-    assert parse_completion("step 1\n</think>\n\n<answer>4</answer>") == {
-        "reasoning": "step 1", "answer": "<answer>4</answer>", "closed": True}
-    # an endpoint that writes <think> itself
-    got = parse_completion("<think>\nstep\n</think>\nfinal", prefilled=False)
-    assert (got["reasoning"], got["answer"]) == ("step", "final")
-    assert parse_completion("still thinking", prefilled=True)["closed"] is False
-    assert parse_completion("<think>still thinking", prefilled=False)["closed"] is False
-    assert parse_completion("just an answer", prefilled=False) == {"reasoning": "", "answer": "just an answer",
+def test_sample_fields_from_the_one_split():
+    # the split's edges are tested in test_reasoning.py; here: what a sample stores
+    assert sample_fields(split_reasoning("ans", "think hard")) == {"reasoning": "think hard", "answer": "ans",
                                                                    "closed": True}
+    # local engine output after the template's "<think>\n" pre-fill
+    assert sample_fields(split_reasoning("step 1\n</think>\n\n<answer>4</answer>", prefilled=True)) == {
+        "reasoning": "step 1", "answer": "<answer>4</answer>", "closed": True}
+    assert sample_fields(split_reasoning("still thinking", prefilled=True))["closed"] is False
+    # empty reasoning_content is empty reasoning, not absent: the content is not searched for inline tags
+    assert sample_fields(split_reasoning("a</think>b", ""))["answer"] == "a</think>b"
+    assert sample_fields(split_reasoning("just an answer")) == {"reasoning": "", "answer": "just an answer",
+                                                                "closed": True}
+    assert completion_text({"reasoning": "r", "answer": "<answer>4</answer>"}) == "r\n</think>\n\n<answer>4</answer>"
 
 
 def test_foreign_fraction_counts_words_not_notation():
@@ -322,7 +324,7 @@ def test_generate_remote_with_retries_and_resume(tmp_path, mode):
 def test_remote_errors(tmp_path):
     fake = _FakeOpenAI(status=401)
     try:  # a bad key is not retried: the run stops at once with the server's message
-        with pytest.raises(TeacherError, match="401"):
+        with pytest.raises(EndpointError, match="the teacher .* rejected the API key \\(HTTP 401\\)"):
             generate(GenerateConfig(out=str(tmp_path / "a"), teacher_url=fake.url, teacher_model="m",
                                     n_prompts=3, samples=2, backoff=0.01, progress=False))
         assert fake.requests <= 2 * 4  # at most what was already in flight

@@ -8,6 +8,7 @@ import pytest
 from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, paired_difference, pass_at_k, wilson
 from nanoseek.synthetic import generate
 
+from .fake_openai import FakeServer, completion, error
 from .hf_ref import make_tiny_model_dir
 
 
@@ -60,8 +61,31 @@ def test_local_model_end_to_end(tmp_path):
 def test_config_errors():
     with pytest.raises(ValueError, match="exactly one of --model DIR or --url URL"):
         EvalConfig()
-    with pytest.raises(ValueError, match="needs --served-model"):
-        EvalConfig(url="http://127.0.0.1:1/v1")
+    with pytest.raises(ValueError, match="--url 'ftp://x' is not an http"):
+        EvalConfig(url="ftp://x")
+
+
+def test_remote_endpoint_end_to_end(tmp_path):
+    """A fake OpenAI server (real HTTP, the real client): reasoning in `reasoning_content` for some answers and
+    inline for others, one 503 retried; graders read the answer after the reasoning either way."""
+    import re
+
+    def respond(body):
+        a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", body["messages"][-1]["content"]).groups()
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        if body["seed"] % 2:  # odd seeds: inline thinking (no reasoning parser on the server)
+            return 200, {}, completion(f"<think>\nadd\n</think>\n\n<answer>{value}</answer>")
+        return 200, {}, completion(f"<answer>{value}</answer>", reasoning="add")
+
+    server = FakeServer(models=["r1"], respond=respond)
+    server.script.append(error(503, "warming up"))
+    try:
+        s = evaluate(EvalConfig(url=server.url, n=5, k=2, temperature=0.6, greedy=False, concurrency=2,
+                                out=str(tmp_path / "ev")))
+    finally:
+        server.close()
+    assert s["n_items"] == 5 and s["pass@1"] == 1.0  # every answer graded right, whichever form it came in
+    assert len(server.posts) == 5 * 2 + 1 and {p["model"] for p in server.posts} == {"r1"}  # the only model
 
 
 def test_paired_difference_matches_items_by_id_and_rejects_disjoint_sets():

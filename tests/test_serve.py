@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from nanoseek import build, synthetic
-from nanoseek.serve import BackgroundServer, ReasoningSplitter, ServeConfig, Server
-from nanoseek.tokenizer import END_THINK, Tokenizer, train_tokenizer
+from nanoseek.reasoning import END_THINK, StreamSplitter
+from nanoseek.serve import BackgroundServer, ServeConfig, Server
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 REASONING, ANSWER = "Think", "Hey!"
 KEY = "sk-test-0123456789"
@@ -90,8 +91,8 @@ def extra(obj, name: str):
 # ---- the reasoning split on its own ----------------------------------------------------------------------------
 
 
-def split_all(pieces: list[str], enabled: bool = True) -> tuple[list[tuple[str, str]], ReasoningSplitter]:
-    s = ReasoningSplitter(enabled)
+def split_all(pieces: list[str], enabled: bool = True) -> tuple[list[tuple[str, str]], StreamSplitter]:
+    s = StreamSplitter(enabled)
     out = [s.feed(p) for p in pieces] + [s.finish()]
     return out, s
 
@@ -122,12 +123,12 @@ def test_reasoning_split_is_the_same_for_every_chunking(text: str, reasoning: st
 def test_reasoning_split_disabled_and_token_counts() -> None:
     out, s = split_all(["<think>a</think>b"], enabled=False)
     assert (s.reasoning_content, s.answer) == (None, "<think>a</think>b")
-    s = ReasoningSplitter(True, end_token_id=6)
+    s = StreamSplitter(True, end_token_id=6)
     s.feed("ab", [10, 11])
     s.feed("</think>c", [6, 12])
     s.feed("d", [13])
     assert s.reasoning_tokens == 3  # the closing tag counts as reasoning, as DeepSeek's API counts it
-    s = ReasoningSplitter(True, end_token_id=None)  # no single-token tag: counted by the state per delta
+    s = StreamSplitter(True, end_token_id=None)  # no single-token tag: counted by the state per delta
     s.feed("ab", [10, 11])
     s.feed("</think>", [6])
     s.feed("c", [12])
