@@ -205,6 +205,7 @@ class RewardRunner:
         self.proc = None
         self.conn = None
         self.failures: dict[str, int] = {}
+        self.timeouts_waited = 0  # timeouts sat through: bounded per batch (at most 3 per reward)
 
     def _start(self) -> None:
         parent, child = self.ctx.Pipe()
@@ -233,6 +234,7 @@ class RewardRunner:
             self.proc.kill()  # a hung reward: kill and restart the worker
             self.proc.join()
             self.proc = None
+            self.timeouts_waited += 1
             return f"timeout after {self.timeout}s"
         status, payload = self.conn.recv()
         if status != "ok":

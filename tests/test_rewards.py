@@ -1,8 +1,8 @@
 """Rewards: rule-based scores on hand examples, the TRL-style plugin API, and failure isolation in the worker."""
 
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -39,10 +39,10 @@ def test_raising_hanging_and_nan_rewards_score_zero_and_are_counted():
     assert r.failures == {"tests.reward_plugins:raises_on_bad": 1, "tests.reward_plugins:nan_reward": 1}
     r.close()
     h = RewardRunner([("tests.reward_plugins:hangs", 1.0), ("format", 1.0)], timeout=1.0)
-    t0 = time.time()
     total, _ = h(["<think>a</think><answer>1</answer>"] * 4, ["p"] * 4, {})
     assert total == [1.0] * 4 and h.failures["tests.reward_plugins:hangs"] == 4
-    assert time.time() - t0 < 15  # bounded: gives up after repeated timeouts
+    # bounded: the batch and two items time out, then the hanging reward is not waited for again
+    assert h.timeouts_waited == 3
     h.close()
 
 
@@ -80,8 +80,9 @@ def test_worker_that_cannot_start_fails_fast_with_the_fix(tmp_path):
     script = tmp_path / "no_guard.py"
     script.write_text("from nanoseek.rewards import RewardRunner\n"
                       "RewardRunner([('format', 1.0)])(['x'], ['p'], {})\n")
-    t0 = time.time()
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "reward worker process did not start" in res.stderr and "__name__ == \"__main__\"" in res.stderr
-    assert time.time() - t0 < 60
+    # at once, on the worker's death: a dead worker has an exit code; one waited out for 120 s would still be
+    # alive (exit code None)
+    assert re.search(r"did not start \(exit code -?\d+\)", res.stderr), res.stderr[-500:]
