@@ -28,8 +28,9 @@ import torch
 
 from . import synthetic
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .files import append_jsonl, read_jsonl
 from .infer import Engine, SamplingParams
-from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, truncate_jsonl
+from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .model import Transformer
 from .rewards import RewardRunner, Task, load_task, parse_reward_spec
 from .tokenizer import Tokenizer
