@@ -2,6 +2,7 @@
 
   atomic_path(path)           a temporary path next to `path`, renamed over it only when the block succeeds
                               (for libraries that write files themselves: safetensors, torch.save)
+  atomic_dir(path)            the same for a directory (a checkpoint, prepared data, a published model)
   atomic_write(path, data)    str / bytes; atomic_write_json, atomic_write_jsonl
   append_jsonl(path, rows)    one write per call, so a crash leaves at most a torn last line
   read_jsonl(path)            every whole record; a torn last line is dropped (and cut off with repair=True)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,10 +28,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk; best-effort where the platform cannot (Windows opens no
+    directories and fsyncs no read-only descriptors)."""
     try:
-        fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
-    except OSError:  # directories cannot be opened on some platforms (Windows): durability is best-effort there
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -39,15 +43,20 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    # a unique hidden name in the same directory (the rename must not cross file systems); not mkstemp/mkdtemp,
+    # which create mode 0600/0700 entries: the final file or directory gets the usual umask permissions
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yields a temporary path in `path`'s directory; write the file there. When the block exits normally the
     file is fsynced and renamed over `path` (os.replace); when it raises, the temporary file is removed and `path`
-    is untouched. fsync before the rename: otherwise a power loss can leave the new name pointing to an empty file
-    (ext4's delayed allocation); fsync of the directory after it: so the rename itself is durable."""
+    is untouched. fsync before the rename, or after a power loss the new name can point to data that never reached
+    the disk; fsync of the directory after it, so that the rename itself is durable."""
     path = Path(path)
-    # a unique name (not mkstemp, which creates mode 0600 files): the library creates the file, with the umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _sibling(path, "tmp")  # the library creates it
     try:
         yield tmp
         if fsync:
@@ -57,7 +66,42 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync(path.parent, directory=True)
+        _fsync(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yields a new empty directory next to `path`; fill it. When the block exits normally its files are fsynced
+    and it replaces `path`: an existing directory is renamed aside, the new one renamed in, the old one deleted (a
+    directory cannot be renamed over a non-empty one; if the second rename fails the old one is put back). When the
+    block raises, the new directory is deleted and `path` is untouched. Between the two renames `path` is briefly
+    absent, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if fsync:
+            for f in sorted(tmp.rglob("*")):
+                _fsync(f)
+            _fsync(tmp)
+        if path.exists():
+            old = _sibling(path, "old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fsync:
+        _fsync(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, encoding: str = "utf-8") -> Path:
