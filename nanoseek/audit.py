@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from .client import Endpoint, RequestFailed, normalize_url, redact_url
-from .metrics import read_log
+from .files import append_jsonl, atomic_write_json, atomic_write_jsonl, check_resume, read_jsonl
 from .reasoning import split as split_reasoning
+from .stats import cohen_kappa, derive_seed, holm, majority_vote, mcnemar_exact, newcombe_diff, wilson
 
 LANGS = ("en", "zh", "ja")
 KINDS = ("sensitive", "control_history", "control_other_country", "control_benign_china", "over_refusal")
@@ -458,20 +459,7 @@ def analyse(sample: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Statistics (by hand: small, and the formulas are the documentation)
-
-Z95 = 1.959963984540054
-
-
-def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (k may be fractional: a share of samples over n prompts)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = min(max(k / n, 0.0), 1.0)
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+# Statistics (the formulas are in nanoseek.stats; these adapt them to the audit's samples-within-prompts data)
 
 
 def rate(k: int, n: int, n_prompts: int | None = None) -> dict[str, Any]:
@@ -485,59 +473,12 @@ def rate(k: int, n: int, n_prompts: int | None = None) -> dict[str, Any]:
 
 
 def diff_ci(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """p_a - p_b with Newcombe's hybrid score interval (method 10) from the two Wilson intervals."""
-    d = a["p"] - b["p"]
+    """p_a - p_b of two rates with Newcombe's hybrid score interval (method 10), on the same effective counts
+    (share x prompts) as their Wilson intervals."""
     if not (a["n"] and b["n"]):
         return {"d": float("nan"), "lo": float("nan"), "hi": float("nan")}
-    lo = d - math.sqrt((a["p"] - a["lo"]) ** 2 + (b["hi"] - b["p"]) ** 2)
-    hi = d + math.sqrt((a["hi"] - a["p"]) ** 2 + (b["p"] - b["lo"]) ** 2)
-    return {"d": d, "lo": lo, "hi": hi}
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: the discordant pairs b (A only) vs c (B only) under Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (family-wise error control across the categories tested)."""
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float:
-    """Cohen's kappa of two raters' labels (agreement beyond chance)."""
-    n = len(pairs)
-    if not n:
-        return float("nan")
-    po = sum(a == b for a, b in pairs) / n
-    ca, cb = Counter(a for a, _ in pairs), Counter(b for _, b in pairs)
-    pe = sum(ca[k] * cb[k] for k in ca) / n**2
-    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
-
-
-def prf(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    """Precision, recall and F1 per class, and macro-F1 over `labels` (the classifier's test)."""
-    per: dict[str, dict[str, float]] = {}
-    for lab in labels:
-        tp = sum(g == lab and p == lab for g, p in zip(gold, pred))
-        fp = sum(g != lab and p == lab for g, p in zip(gold, pred))
-        fn = sum(g == lab and p != lab for g, p in zip(gold, pred))
-        pr = tp / (tp + fp) if tp + fp else 0.0
-        rc = tp / (tp + fn) if tp + fn else 0.0
-        per[lab] = {"precision": pr, "recall": rc, "f1": 2 * pr * rc / (pr + rc) if pr + rc else 0.0,
-                    "support": tp + fn}
-    return {"per_class": per, "macro_f1": sum(v["f1"] for v in per.values()) / len(labels),
-            "accuracy": sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1)}
+    _, lo, hi = newcombe_diff(a["p"] * a["prompts"], a["prompts"], b["p"] * b["prompts"], b["prompts"])
+    return {"d": a["p"] - b["p"], "lo": lo, "hi": hi}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -611,18 +552,6 @@ def messages_for(item: dict[str, Any], system: str | None) -> list[dict[str, str
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": item["prompt"]}]
 
 
-def _sample_seed(seed: int, item_id: str, j: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{j}".encode()).digest()[:4], "big") >> 1
-
-
-
-
-def _append(f: Any, record: dict[str, Any]) -> None:
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # an answer survives a crash: it is never requested twice
-
-
 def latest_answers(records: Iterable[dict[str, Any]], items: dict[str, dict[str, Any]] | None = None,
                    system: str | None = None) -> dict[tuple[str, int], dict[str, Any]]:
     """The last record per (item, sample) whose messages are the current ones (an edited prompt is re-asked)."""
@@ -634,19 +563,6 @@ def latest_answers(records: Iterable[dict[str, Any]], items: dict[str, dict[str,
                 continue
         out[(r["id"], r["j"])] = r
     return out
-
-
-def _check_resume(out: Path, cfg: AuditConfig, model: str) -> None:
-    prev_file = out / CONFIG_FILE
-    if not prev_file.exists():
-        return
-    prev = json.loads(prev_file.read_text())
-    now = {**cfg.public(), "model": model}
-    diff = [k for k in _RESUME_KEYS if prev.get(k) != now.get(k)]
-    if diff:
-        changes = ", ".join(f"{k}: {prev.get(k)!r} -> {now.get(k)!r}" for k in diff)
-        raise AuditError(f"{out} holds an audit with other settings ({changes}); pass --overwrite to start over "
-                         "or choose another --out")
 
 
 def run_audit(cfg: AuditConfig, endpoint: Endpoint | None = None) -> dict[str, Any]:
@@ -668,21 +584,20 @@ def run_audit(cfg: AuditConfig, endpoint: Endpoint | None = None) -> dict[str, A
         for name in (ANSWERS_FILE, JUDGE_FILE, ITEMS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG):
             (out / name).unlink(missing_ok=True)
     else:
-        _check_resume(out, cfg, model)
+        check_resume(out / CONFIG_FILE, {**cfg.public(), "model": model}, _RESUME_KEYS, what="an audit",
+                     error=AuditError)
     params: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     meta = {**cfg.public(), "model": model, "endpoint": endpoint.public_url,
             "template": {"system": cfg.system, "messages": "system prompt (if any) + one user turn, no prefill"},
             "sampling": {**params, "seed": cfg.seed if cfg.send_seed else None}, "suite_summary": suite_summary(items),
             "suite_sha256": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(out / CONFIG_FILE, meta, ensure_ascii=False)
     # the items of this selection are stored with the run: the report (of exactly this selection; answers to
     # other prompts stay in the log for a later run) and --compare never need the suite file again
-    tmp = out / f".{ITEMS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-    os.replace(tmp, out / ITEMS_FILE)
+    atomic_write_jsonl(out / ITEMS_FILE, items)
 
     by_id = {it["id"]: it for it in items}
-    done = {k for k, r in latest_answers(read_log(out / ANSWERS_FILE), by_id, cfg.system).items()
+    done = {k for k, r in latest_answers(read_jsonl(out / ANSWERS_FILE, repair=True), by_id, cfg.system).items()
             if not r.get("error") or r.get("blocked")}
     todo = [(it, j) for it in items for j in range(cfg.samples) if (it["id"], j) not in done]
     total = len(items) * cfg.samples
@@ -692,7 +607,8 @@ def run_audit(cfg: AuditConfig, endpoint: Endpoint | None = None) -> dict[str, A
     def ask(it: dict[str, Any], j: int) -> dict[str, Any]:
         msgs = messages_for(it, cfg.system)
         rec: dict[str, Any] = {"id": it["id"], "j": j, "messages": msgs, "time": time.time()}
-        kw = dict(params, seed=_sample_seed(cfg.seed, it["id"], j)) if cfg.send_seed else params
+        # 31 bits: some OpenAI-compatible servers reject seeds beyond a signed 32-bit integer
+        kw = dict(params, seed=derive_seed(cfg.seed, it["id"], j, bits=31)) if cfg.send_seed else params
         t0 = time.perf_counter()
         try:
             r = endpoint.chat(msgs, **kw)
@@ -706,11 +622,11 @@ def run_audit(cfg: AuditConfig, endpoint: Endpoint | None = None) -> dict[str, A
 
     progress = progress_bar(cfg.progress)
     counts: Counter = Counter()
-    with progress or nullcontext(), (out / ANSWERS_FILE).open("a", encoding="utf-8") as log_f:
+    with progress or nullcontext():
         bar = progress.add_task(f"audit {model}", total=total, completed=total - len(todo)) if progress else None
 
         def record(rec: dict[str, Any]) -> None:
-            _append(log_f, rec)
+            append_jsonl(out / ANSWERS_FILE, rec, fsync=True)  # an answer survives a crash: never asked twice
             it = by_id[rec["id"]]
             counts[(it["kind"] == "sensitive", analyse(rec, it)["label"] in WITHHELD)] += 1
             if progress:
@@ -796,9 +712,10 @@ def run_judge(cfg: AuditConfig, out: Path, items: Sequence[dict[str, Any]], prog
                                  backoff=cfg.backoff, max_backoff=cfg.max_backoff, rps=cfg.rps, what="the judge")
     judge_model = judge.check()
     by_id = {it["id"]: it for it in items}
-    answers = [r for r in latest_answers(read_log(out / ANSWERS_FILE), by_id, cfg.system).values()
+    answers = [r for r in latest_answers(read_jsonl(out / ANSWERS_FILE, repair=True), by_id, cfg.system).values()
                if not r.get("error")]
-    done = {(r["id"], r["j"], r["answer_sha"]) for r in read_log(out / JUDGE_FILE) if r.get("label") != "error"}
+    done = {(r["id"], r["j"], r["answer_sha"]) for r in read_jsonl(out / JUDGE_FILE, repair=True)
+            if r.get("label") != "error"}
     todo = [(by_id[r["id"]], r) for r in answers if (r["id"], r["j"], _answer_sha(r)) not in done]
 
     def ask(it: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -812,12 +729,12 @@ def run_judge(cfg: AuditConfig, out: Path, items: Sequence[dict[str, Any]], prog
         return base | {"label": parse_judge(text), "raw": text[:500]}
 
     bar_ctx = progress_bar(progress)
-    with bar_ctx or nullcontext(), (out / JUDGE_FILE).open("a", encoding="utf-8") as f:
+    with bar_ctx or nullcontext():
         bar = bar_ctx.add_task(f"judge {judge_model}", total=len(answers),
                                completed=len(answers) - len(todo)) if bar_ctx else None
 
         def record(rec: dict[str, Any]) -> None:
-            _append(f, rec)
+            append_jsonl(out / JUDGE_FILE, rec, fsync=True)
             if bar_ctx:
                 bar_ctx.update(bar, advance=1)
 
@@ -843,12 +760,12 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if not (d / ANSWERS_FILE).exists() or not (d / ITEMS_FILE).exists():
         raise AuditError(f"{d} is not an audit directory (no {ANSWERS_FILE} / {ITEMS_FILE})")
     meta = json.loads((d / CONFIG_FILE).read_text()) if (d / CONFIG_FILE).exists() else {}
-    items = {r["id"]: r for r in read_log(d / ITEMS_FILE, repair=False)}
+    items = {r["id"]: r for r in read_jsonl(d / ITEMS_FILE)}
     judged: dict[tuple[str, int, str], str] = {}
-    for r in read_log(d / JUDGE_FILE, repair=False):
+    for r in read_jsonl(d / JUDGE_FILE):
         judged[(r["id"], r["j"], r["answer_sha"])] = r["label"]
     samples = []
-    answers = latest_answers(read_log(d / ANSWERS_FILE, repair=False), items, meta.get("system"))
+    answers = latest_answers(read_jsonl(d / ANSWERS_FILE), items, meta.get("system"))
     for (iid, j), rec in sorted(answers.items()):
         if j >= meta.get("samples", j + 1):
             continue
@@ -909,14 +826,14 @@ def group_stats(ss: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_WITHHOLDING_ORDER = ("refused", "deflected", "narrative", "partial", "answered")
+
+
 def majority(labels: Sequence[str]) -> str:
-    """A prompt's majority label over its samples (errors ignored); ties go to the more withholding label."""
-    valid = [x for x in labels if x != "error"]
-    if not valid:
-        return "error"
-    order = ("refused", "deflected", "narrative", "partial", "answered")
-    c = Counter(valid)
-    return max(order, key=lambda lab: (c[lab], -order.index(lab)))
+    """A prompt's majority label over its samples (errors ignored). The same vote as eval's cons@k, but ties go to
+    the more withholding label, not the earliest sample: sample order means nothing here, and a prompt refused as
+    often as answered counts as refused (the audit errs towards reporting a refusal)."""
+    return majority_vote([x for x in labels if x != "error"], rank=_WITHHOLDING_ORDER.index) or "error"
 
 
 def prompt_outcomes(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

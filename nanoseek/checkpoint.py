@@ -9,8 +9,8 @@
         trainer_state.json        step, optimizer hyper-parameters and non-tensor state, scheduler and data
                                   position, Python RNG state, free-form metadata
 
-A checkpoint is written to a temporary directory and renamed into place; `latest` moves (write + os.replace) only
-after that, so a crash at any point leaves the previous checkpoint intact and pointed to.
+A checkpoint is written to a temporary directory and renamed into place; `latest` moves (an atomic write) only
+after that, so a crash at any point leaves the previous checkpoint intact and pointed to (nanoseek.files).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_dir, atomic_write
 from .model import ModelConfig, Transformer
 from .weights import from_hf_state_dict, load_state_dict, read_hf_state_dict, save_pretrained
 
@@ -127,8 +127,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer,
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir))
-    try:
+    with atomic_dir(final) as tmp:  # re-saving the same step replaces it whole
         save_pretrained(model, tmp / "model", tokenizer=tokenizer)
         for f in (tmp / "model").iterdir():
             os.replace(f, tmp / f.name)
@@ -145,15 +144,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer,
         save_file(rng_t, str(tmp / "rng.safetensors"))
         state["rng"] = rng_meta
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        if final.exists():  # re-saving the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    pointer_tmp = run_dir / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, run_dir / "latest")
+    atomic_write(run_dir / "latest", name + "\n")
     if keep_last:
         for old in sorted(run_dir.glob("step_*"))[:-keep_last]:
             if old.name != name:

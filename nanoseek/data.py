@@ -12,7 +12,6 @@ import collections
 import functools
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_dir
 from .tokenizer import Tokenizer
 
 FORMAT, VERSION = "nanoseek-tokens", 1
@@ -215,10 +215,7 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer_dir: str | os.PathLik
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output directory {out} is not empty (pass overwrite=True / --overwrite to replace it)")
     dtype = token_dtype(tok.vocab_size)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as staging:  # a crash or an error leaves no half-written directory at `out`
         sources = [{"path": str(p), "documents": 0, "tokens": 0, "skipped_empty": 0} for p in paths]
         writer = _ShardWriter(staging, shard_tokens, with_mask=sft)
         tok_dir = str(Path(tokenizer_dir).resolve())
@@ -240,16 +237,6 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer_dir: str | os.PathLik
             "num_documents": sum(s["documents"] for s in sources), "sources": sources,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
     return manifest
 
 

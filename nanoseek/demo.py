@@ -13,7 +13,6 @@ that the stage enforces by stopping early and keeping its last checkpoint):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from .files import atomic_dir, atomic_write_json
 
 
 @dataclass
@@ -123,7 +124,7 @@ def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False) ->
             return 130
         state.setdefault("stages", {})[stage.name] = {**info, "status": "done",
                                                       "seconds": time.perf_counter() - ts, "budget": stage.budget}
-        _atomic_json(state_file, state)
+        atomic_write_json(state_file, state)
     total = sum(s["seconds"] for s in state["stages"].values())
     console.rule("done")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s this run ({total:.0f}s over all stages)")
@@ -135,20 +136,11 @@ def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False) ->
     return 0
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _publish(src: Path, dst: Path) -> Path:
     """Copy a finished model directory to OUT/models/NAME atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.safetensors", "rng.safetensors",
-                                                            "trainer_state.json"))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            "optimizer.safetensors", "rng.safetensors", "trainer_state.json"))
     return dst
 
 

@@ -43,10 +43,12 @@ import torch.nn.functional as F
 
 from . import synthetic
 from .client import Endpoint, EndpointError, RequestFailed
-from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, read_log, truncate_jsonl
+from .files import append_jsonl, atomic_write_json, atomic_write_jsonl, check_resume, read_jsonl
+from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .reasoning import THINK, Split
 from .reasoning import join as join_reasoning
 from .reasoning import split as split_reasoning
+from .stats import derive_seed, paired_difference
 from .tokenizer import Tokenizer
 
 SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.jsonl", "stats.json", "generate.json"
@@ -55,6 +57,7 @@ SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.js
 _RESUME_KEYS = ("teacher", "teacher_url", "teacher_model", "samples", "temperature", "top_p", "max_tokens", "seed")
 
 Verifier = Callable[[dict[str, Any], str], float]
+read_log = read_jsonl  # the log reader under the name docs/distill.md lists (nanoseek.files.read_jsonl)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -342,8 +345,9 @@ class TraceFilter:
 
 
 def _sample_seed(seed: int, prompt_id: str, j: int) -> int:
-    """Per-sample seed from (run seed, prompt id, sample index): a resumed or re-chunked run samples the same."""
-    return int(hashlib.sha256(f"{seed}:{prompt_id}:{j}".encode()).hexdigest()[:15], 16)
+    """Per-sample seed from (run seed, prompt id, sample index): a resumed or re-chunked run samples the same.
+    60 bits: the seeds of the runs before stats.derive_seed existed, so resuming their logs samples the same."""
+    return derive_seed(seed, prompt_id, j, bits=60)
 
 
 class LocalTeacher:
@@ -488,33 +492,6 @@ class GenerateConfig:
 
 
 
-def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _append_line(f: Any, record: dict[str, Any]) -> None:
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # a finished prompt survives a crash: it is never sampled twice
-
-
-def _check_resume(out: Path, cfg: GenerateConfig) -> None:
-    prev_file = out / CONFIG_FILE
-    if not prev_file.exists():
-        return
-    prev = json.loads(prev_file.read_text())
-    now = cfg.public()
-    diff = [k for k in _RESUME_KEYS if prev.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{out} holds traces generated with different settings ({', '.join(diff)}: "
-                         f"{', '.join(f'{prev.get(k)!r} -> {now.get(k)!r}' for k in diff)}); pass --overwrite to "
-                         "start over or choose another --out")
-
-
 def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
     """Sample, filter and save traces; returns the statistics (also in OUT/stats.json).
 
@@ -531,8 +508,8 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
         for name in (SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE):
             (out / name).unlink(missing_ok=True)
     else:
-        _check_resume(out, cfg)
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.public(), indent=1) + "\n")
+        check_resume(out / CONFIG_FILE, cfg.public(), _RESUME_KEYS, what="traces")
+    atomic_write_json(out / CONFIG_FILE, cfg.public())
     if teacher is None:
         if cfg.teacher:
             teacher = LocalTeacher(cfg.teacher, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -544,13 +521,13 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
                                     send_seed=cfg.send_seed)
     # ---- resume: rebuild the traces from the log records of the current prompts ----
     current = {it["id"]: prompt_messages(it, cfg.answer_instruction) for it in items}
-    log = read_log(log_path)
+    log = read_jsonl(log_path, repair=True)  # a line torn by a kill goes: the next record starts a line
     valid = [rec for rec in log if current.get(rec["prompt_id"]) == rec["messages"]]
     flt = TraceFilter(verifier, cfg.filter)
     traces: list[dict[str, Any]] = []
     for rec in valid:
         traces += flt(rec)[0]
-    _write_jsonl_atomic(out / TRACES_FILE, traces)
+    atomic_write_jsonl(out / TRACES_FILE, traces)
     done = {rec["prompt_id"] for rec in valid}
     todo = [it for it in items if it["id"] not in done]
     resumed = len(items) - len(todo)
@@ -558,8 +535,7 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
     failed: list[str] = []
     new_tokens = 0
     progress = progress_bar(cfg.progress)
-    with progress or nullcontext(), log_path.open("a", encoding="utf-8") as log_f, \
-            (out / TRACES_FILE).open("a", encoding="utf-8") as traces_f:
+    with progress or nullcontext():
         bar = progress.add_task("distill generate", total=len(items), completed=resumed) if progress else None
 
         def finish(item: dict[str, Any], msgs: list[dict[str, Any]], samples: list[dict[str, Any]]) -> None:
@@ -570,10 +546,8 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
             kept, verdicts = flt(rec)
             for s, v in zip(samples, verdicts):
                 s["rejected"] = v  # the log says why each sample was dropped (informational)
-            _append_line(log_f, rec)
-            for t in kept:
-                traces_f.write(json.dumps(t, ensure_ascii=False) + "\n")
-            traces_f.flush()
+            append_jsonl(log_path, rec, fsync=True)  # a finished prompt survives a crash: never sampled twice
+            append_jsonl(out / TRACES_FILE, kept)  # rebuilt from the log on resume: no fsync needed
             new_tokens += sum(s.get("completion_tokens") or 0 for s in samples)
             if progress:
                 progress.update(bar, advance=1, description=f"distill generate: {flt.accepted}/{flt.samples} "
@@ -1034,7 +1008,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
             lr = lr_at(step, tcfg)
             set_lr(opts, lr)
             # GKD: with probability lambda the batch is the student's own samples (deterministic per step)
-            on_policy = random.Random(cfg.seed * 1_000_003 + step).random() < cfg.lmbda
+            on_policy = random.Random(derive_seed(cfg.seed, "kd-on-policy", step)).random() < cfg.lmbda
             if on_policy:
                 batch_items = [items[order[(cursor + i) % len(order)]] for i in range(cfg.batch_size)]
                 cursor += cfg.batch_size
@@ -1209,14 +1183,14 @@ def _write_task_files(cfg: ExperimentConfig, root: Path) -> tuple[Path, list[dic
     test_items = synthetic.generate("arithmetic", cfg.n_test, "test", cfg.seed, **kw)
     root.mkdir(parents=True, exist_ok=True)
     # RL and trace prompts: prompt + answer columns (no reference reasoning: RL and the teacher must find their own)
-    _write_jsonl_atomic(root / "task_train.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                     for it in train_items])
-    _write_jsonl_atomic(root / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                    for it in test_items])
+    atomic_write_jsonl(root / "task_train.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
+                                                    for it in train_items])
+    atomic_write_jsonl(root / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
+                                                   for it in test_items])
     # cold start: a disjoint slice of train problems, as chats that keep the reference reasoning
     cold = synthetic.generate("arithmetic", cfg.n_train + cfg.cold_start_items, "train", cfg.seed, **kw)[cfg.n_train:]
-    _write_jsonl_atomic(root / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
-                                                     for it in cold])
+    atomic_write_jsonl(root / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
+                                                    for it in cold])
     (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(it) for it in train_items[:2000] + cold))
     return root / "task_train.jsonl", train_items, test_items
 
@@ -1344,11 +1318,11 @@ def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     a_names = [n for n in results["models"] if n.startswith("(a)")]
     b_name = "(b) student + distillation"
     if a_names and b_name in results["models"]:  # paired over the same held-out problems: tighter than two CIs
-        from .eval import paired_difference
+        from .eval import per_item
 
         best_a = max(a_names, key=lambda n: results["models"][n]["pass@1"])
-        d = paired_difference(*(read_jsonl(out / "eval" / _slug(n) / "items.jsonl") for n in (best_a, b_name)),
-                              seed=cfg.seed)
+        d = paired_difference(*(per_item(read_jsonl(out / "eval" / _slug(n) / "items.jsonl"))
+                                for n in (best_a, b_name)), seed=cfg.seed)
         results["b_minus_best_a"] = {"vs": best_a, "pass@1": d["mean"], "ci": d["ci"]}
     results["flops"] = {"teacher_cold_start": f_teacher_cold, "teacher_grpo": f_teacher_rl,
                         "student_cold_start": f_student_cold, "a_student_grpo": f_a,

@@ -11,10 +11,6 @@ pass@1. Per-item results are saved as JSONL, the summary as JSON + markdown.
 
 from __future__ import annotations
 
-import json
-import math
-import random
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -22,54 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import synthetic
+from .files import atomic_write_json, atomic_write_jsonl
+from .stats import bootstrap_ci, derive_seed, majority_vote, pass_at_k, wilson
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, eq. 1), computed stably."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95 % by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap of the mean over items."""
-    if not values:
-        return (0.0, 1.0)
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return (means[int(0.025 * reps)], means[int(0.975 * reps) - 1])
-
-
-def paired_difference(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], key: str = "pass1",
-                      seed: int = 0) -> dict[str, Any]:
-    """Mean of (b - a) over the items both evaluations share (matched by id; per-item `items.jsonl` rows), with a
-    95 % bootstrap CI over items: paired over the same problems, tighter than comparing two separate CIs."""
-    a = {r["id"]: float(r[key]) for r in rows_a}
-    diffs = [float(r[key]) - a[r["id"]] for r in rows_b if r["id"] in a]
-    if not diffs:
-        raise ValueError("the two evaluations share no item ids: evaluate both on the same held-out items")
-    return {"mean": sum(diffs) / len(diffs), "ci": bootstrap_ci(diffs, seed=seed), "n": len(diffs)}
-
-
-def majority(answers: list[str | None]) -> str | None:
-    """The most common non-empty answer; ties go to the earliest sampled."""
-    votes = Counter(a for a in answers if a)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(a for a in answers if a and votes[a] == best)
+def per_item(rows: list[dict[str, Any]], key: str = "pass1") -> dict[Any, float]:
+    """{item id: value} from the per-item rows of an evaluation (items.jsonl): what stats.paired_difference pairs
+    two evaluations by."""
+    return {r["id"]: float(r[key]) for r in rows}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -147,7 +103,8 @@ def _local_sampler(cfg: EvalConfig):
         engine = Engine(model, tok, max_batch=32, max_model_len=max(map(len, prompts)) + cfg.max_tokens + 1,
                         seed=cfg.seed)
         params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=temperature, top_p=cfg.top_p if temperature
-                                 else 1.0, seed=cfg.seed * 1_000_003 + i) for i in range(len(items) * k)]
+                                 else 1.0, seed=derive_seed(cfg.seed, "eval", i, j))
+                  for i in range(len(items)) for j in range(k)]
         outs = engine.generate([p for p in prompts for _ in range(k)], params)
         # the chat template pre-fills "<think>\n": graders see the completion, reasoning then "</think>" and answer
         texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
@@ -175,8 +132,9 @@ def _remote_sampler(cfg: EvalConfig):
         prompts = [it["prompt"] + (synthetic.ANSWER_INSTRUCTION if "<answer>" not in it["prompt"] else "")
                    for it in items]
         with ThreadPoolExecutor(cfg.concurrency) as pool:
-            texts = list(pool.map(lambda ij: one(prompts[ij[0]], temperature, cfg.seed * 1_000_003 + ij[0] * k
-                                                 + ij[1]), jobs))
+            # the same per-sample seeds as the local sampler (31 bits: what OpenAI-compatible servers accept)
+            texts = list(pool.map(lambda ij: one(prompts[ij[0]], temperature,
+                                                 derive_seed(cfg.seed, "eval", *ij, bits=31)), jobs))
         return [texts[i * k:(i + 1) * k] for i in range(len(items))]
 
     return run
@@ -205,7 +163,7 @@ def evaluate(cfg: EvalConfig, items: list[dict[str, Any]] | None = None,
     for it, texts, g in zip(items, samples, greedy):
         ok = [grade(it, t) for t in texts]
         answers = [normalize_answer(cfg.task, t) for t in texts]
-        maj = majority(answers)
+        maj = majority_vote(answers)  # cons@k; ties go to the earliest sample
         maj_ok = False
         if maj is not None:  # the majority answer is correct iff a sample giving it was graded correct
             maj_ok = any(o for o, a in zip(ok, answers) if a == maj)
@@ -241,11 +199,9 @@ def summarize(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
 
 def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "items.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_jsonl(out / "items.jsonl", rows)
     (out / "summary.md").write_text(summary_markdown(summary))
+    atomic_write_json(out / "summary.json", summary)  # last: its presence marks a finished evaluation (distill)
 
 
 def _pct(x: float) -> str:

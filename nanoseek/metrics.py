@@ -4,56 +4,20 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def read_log(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
-    """Records of an append-only JSONL log that a kill may have cut mid-line: the cut last line is dropped (and
-    truncated away when `repair`), so every record is whole and a resumed job appends after the last good one."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records, good = [], 0
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            good += len(raw)
-    if repair and good != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return records
-
-
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    with Path(path).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+from .files import atomic_write_jsonl, read_jsonl
 
 
 def truncate_jsonl(path: str | Path, step: int) -> None:
-    """After resuming from `step`, drop records logged past it so a curve has no duplicated steps."""
+    """After resuming from `step`, drop records logged past it so a curve has no duplicated steps (a torn last
+    line, from the kill that stopped the run, goes too)."""
     p = Path(path)
     if not p.exists():
         return
-    keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, p)
+    atomic_write_jsonl(p, [r for r in read_jsonl(p) if r.get("step", 0) <= step])
 
 
 def progress_bar(enabled: bool = True):

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from . import __version__, accounting
-from .eval import paired_difference
-from .metrics import read_jsonl
+from .eval import per_item
+from .files import read_jsonl
 from .model import ModelConfig
+from .stats import paired_difference
 
 
 def _pct(x: float | None) -> str:
@@ -177,8 +178,8 @@ def write_report(root: Path, plan: Any) -> Path:
         lines += ["", "![accuracy](accuracy.png)", ""]
         if "base" in results and "rl" in results:
             rows = {n: read_jsonl(root / "eval" / n / "items.jsonl") for n in ("base", "rl")}
-            d1 = paired_difference(rows["base"], rows["rl"], "pass1")
-            dg = paired_difference(rows["base"], rows["rl"], "greedy_correct")
+            d1 = paired_difference(per_item(rows["base"], "pass1"), per_item(rows["rl"], "pass1"))
+            dg = paired_difference(per_item(rows["base"], "greedy_correct"), per_item(rows["rl"], "greedy_correct"))
             verdict = ("**RL measurably improved held-out accuracy**" if d1["ci"][0] > 0 else
                        "**RL did not measurably improve held-out accuracy** (the CI includes 0 or lies below it)")
             lines += [f"{verdict}: RL - base, paired over the same {d1['n']} problems: pass@1 "

@@ -28,10 +28,12 @@ import torch
 
 from . import synthetic
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .files import append_jsonl, read_jsonl
 from .infer import Engine, SamplingParams
-from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, truncate_jsonl
+from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .model import Transformer
 from .rewards import RewardRunner, Task, load_task, parse_reward_spec
+from .stats import derive_seed
 from .tokenizer import Tokenizer
 from .train import set_lr
 from .weights import load as load_model
@@ -359,8 +361,10 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             mb = max(1, n // cfg.mini_batches) if n % cfg.mini_batches == 0 else n
             stats_acc: dict[str, float] = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
             n_updates = 0
-            for _ in range(cfg.mu):
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+            for epoch in range(cfg.mu):
+                # a fresh mini-batch order per epoch (as PPO reshuffles), reproducible per (step, epoch) on resume
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(
+                    derive_seed(cfg.seed, "minibatch", step, epoch)))
                 for i in range(0, n, mb):
                     idx = perm[i: i + mb].tolist()
                     with autocast():
@@ -445,7 +449,7 @@ def _rollout(engine: Engine, tokenizer: Tokenizer, rewarder: RewardRunner, items
     prompts = [format_prompt(it, tokenizer, cfg.prompt_format) for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              logprobs=0, ignore_eos=cfg.ignore_eos,
-                             seed=((cfg.seed * 1_000_003 + step) * 101 + round_) * 10_007 + j)
+                             seed=derive_seed(cfg.seed, "rollout", step, round_, j))
               for j in range(len(items) * G)]
     with autocast():
         outs = engine.generate([p for p in prompts for _ in range(G)], params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import random
 import re
@@ -20,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_jsonl
 from .reasoning import split as split_reasoning
 
 TASKS = ("arithmetic", "countdown")
@@ -207,17 +207,15 @@ def synth(task: str, n: int, split: str, seed: int, out: str | os.PathLike, fmt:
         raise ValueError(f"format must be 'item', 'text' or 'chat', got {fmt!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in generate(task, n, split, seed):
-            record = item
-            if fmt == "text":
-                record = {"id": item["id"], "text": to_text(item)}
-            elif fmt == "chat":
-                record = {"id": item["id"], "messages": to_messages(item)}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    return out
+
+    def record(item: dict[str, Any]) -> dict[str, Any]:
+        if fmt == "text":
+            return {"id": item["id"], "text": to_text(item)}
+        if fmt == "chat":
+            return {"id": item["id"], "messages": to_messages(item)}
+        return item
+
+    return atomic_write_jsonl(out, map(record, generate(task, n, split, seed)))
 
 
 # ---- verifiers -----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from .files import atomic_write
 from .reasoning import END_THINK, THINK
 from .reasoning import split as split_reasoning
 
@@ -152,11 +153,11 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                          ("pad_token", self.pad_token)) if v is not None}
-        _atomic_write(path / "tokenizer.json", self.tok.to_str(pretty=True))
-        _atomic_write(path / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False))
-        _atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        atomic_write(path / "tokenizer.json", self.tok.to_str(pretty=True))
+        atomic_write(path / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False))
+        atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         if self.chat_template is not None and (path / "chat_template.jinja").is_file():  # it would win on load
-            _atomic_write(path / "chat_template.jinja", self.chat_template)
+            atomic_write(path / "chat_template.jinja", self.chat_template)
         self.name = self.name or path.resolve().name
         return path
 
@@ -424,9 +425,3 @@ def print_stats(rows: list[dict[str, Any]], console: Any, title: str = "") -> No
         table.add_row(r["file"], f"{r['characters']:,}", f"{r['bytes']:,}", f"{r['tokens']:,}",
                       f"{r['chars_per_token']:.2f}", f"{r['bytes_per_token']:.2f}")
     console.print(table)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

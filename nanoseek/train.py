@@ -27,7 +27,8 @@ from torch import nn
 
 from . import accounting
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .metrics import append_jsonl, plot_panels, progress_bar, read_jsonl, truncate_jsonl
+from .files import append_jsonl, read_jsonl
+from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .model import ModelConfig, Transformer, build
 from .weights import load as load_model
 

@@ -220,7 +220,7 @@ def test_generate_local_shape_and_exact_resume(dirs, tmp_path):
     strict = generate(GenerateConfig(out=str(out), **{**common, "filter": FilterConfig(max_completion_tokens=0)}),
                       teacher=teacher)
     assert strict["accepted"] == 0 and len(_lines(out / "samples.jsonl")) == 6
-    with pytest.raises(ValueError, match="different settings.*samples"):
+    with pytest.raises(ValueError, match="other settings.*samples"):
         generate(GenerateConfig(out=str(out), **{**common, "samples": 3}))
 
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from nanoseek.eval import EvalConfig, bootstrap_ci, evaluate, majority, paired_difference, pass_at_k, wilson
+from nanoseek.eval import EvalConfig, evaluate, per_item
+from nanoseek.stats import bootstrap_ci, majority_vote, paired_difference, pass_at_k, wilson
 from nanoseek.synthetic import generate
 
 from .fake_openai import FakeServer, completion, error
@@ -28,9 +29,9 @@ def test_wilson_and_bootstrap():
 
 
 def test_majority_vote():
-    assert majority(["3", None, "4", "4", "3"]) == "3"  # tie: earliest sampled
-    assert majority(["4", "4", "3"]) == "4"
-    assert majority([None, None]) is None
+    assert majority_vote(["3", None, "4", "4", "3"]) == "3"  # tie: earliest sampled
+    assert majority_vote(["4", "4", "3"]) == "4"
+    assert majority_vote([None, None]) is None
 
 
 def test_evaluate_with_a_scripted_sampler(tmp_path):
@@ -91,9 +92,9 @@ def test_remote_endpoint_end_to_end(tmp_path):
 def test_paired_difference_matches_items_by_id_and_rejects_disjoint_sets():
     a = [{"id": f"q{i}", "pass1": 0.0} for i in range(40)]
     b = [{"id": f"q{i}", "pass1": 1.0 if i < 20 else 0.0} for i in reversed(range(40))]  # order must not matter
-    d = paired_difference(a, b)
+    d = paired_difference(per_item(a), per_item(b))
     assert d["n"] == 40 and d["mean"] == pytest.approx(0.5) and 0.3 < d["ci"][0] < 0.5 < d["ci"][1] < 0.7
-    same = paired_difference(a, a)
+    same = paired_difference(per_item(a), per_item(a))
     assert same["mean"] == 0 and same["ci"] == (0.0, 0.0)
     with pytest.raises(ValueError, match="share no item ids"):
-        paired_difference(a, [{"id": "other", "pass1": 1.0}])
+        paired_difference(per_item(a), per_item([{"id": "other", "pass1": 1.0}]))
