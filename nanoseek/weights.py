@@ -273,7 +273,9 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    # allocated on `device` directly in `dtype` (the router bias stays fp32: Router._apply): loading a bf16 model
+    # onto a GPU never holds an fp32 copy there; the checkpoint's tensors are cast by copy_
+    model = model.to(dtype).to_empty(device=device)
     model.rotary.__init__(cfg)  # non-persistent buffers are not in the checkpoint: recompute
     model.to(device)
     model.init_weights()  # anything not in the checkpoint (fresh MTP) gets a proper init
