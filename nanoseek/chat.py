@@ -42,17 +42,20 @@ class LocalBackend:
     """The engine in this process: one request at a time, stepped by the REPL's own thread."""
 
     def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None, reasoning_parser: str = "auto",
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, device: str | None = None, dtype: str = "auto") -> None:
+        from .device import resolve_device, resolve_dtype
         from .infer import Engine
         from .tokenizer import Tokenizer
         from .weights import load
 
+        dev = resolve_device(device)  # None: CUDA if available, else CPU
+        dt = resolve_dtype(dtype, dev)  # weights and KV cache; "auto": bf16 on CUDA, fp32 on a CPU
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}: chat needs the model's tokenizer")
         self.tokenizer = Tokenizer.load(model_dir)
-        self.engine = Engine(load(model_dir).eval(), self.tokenizer, max_batch=1, max_model_len=max_model_len,
-                             seed=seed)
+        self.engine = Engine(load(model_dir, device=dev, dtype=dt).eval(), self.tokenizer, max_batch=1,
+                             max_model_len=max_model_len, seed=seed)
         self.name = model_dir.resolve().name
         self.reasoning = detect_reasoning(self.tokenizer, reasoning_parser)
         self.end_think = self.tokenizer.tok.token_to_id(END_THINK)
@@ -264,13 +267,15 @@ def run_chat(model: str | None = None, url: str | None = None, *, api_key: str |
              served_model: str | None = None, system: str | None = None, temperature: float | None = None,
              top_p: float | None = None, max_tokens: int | None = None, seed: int | None = None,
              show_thinking: bool = False, color: str = "auto", max_model_len: int | None = None,
-             reasoning_parser: str = "auto") -> int:
-    """`nanoseek chat`: the REPL on stdin/stdout against a local model directory or a server URL."""
+             reasoning_parser: str = "auto", device: str | None = None, dtype: str = "auto") -> int:
+    """`nanoseek chat`: the REPL on stdin/stdout against a local model directory or a server URL. device/dtype:
+    where and in which precision a local model runs (nanoseek.device; ignored with a URL)."""
     if (model is None) == (url is None):
         raise ValueError("give exactly one of --model DIR or --url URL")
     backend: LocalBackend | HTTPBackend
     if model is not None:
-        backend = LocalBackend(model, max_model_len=max_model_len, reasoning_parser=reasoning_parser, seed=seed)
+        backend = LocalBackend(model, max_model_len=max_model_len, reasoning_parser=reasoning_parser, seed=seed,
+                               device=device, dtype=dtype)
     else:
         try:
             backend = HTTPBackend(url, api_key, served_model)  # type: ignore[arg-type]

@@ -16,6 +16,21 @@ def _model_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="an HF-format model directory (config.json + safetensors)")
 
 
+# --device / --dtype of every command that loads a model. The strings travel in the stage's config dataclass and
+# are resolved by nanoseek.device (not imported here: `nanoseek --help` should not wait for torch). Bad values fail
+# there as ValueError, i.e. one "error:" line from main().
+DEVICE_HELP = "where the model runs: cpu | cuda | cuda:N | mps (default: cuda if available, else cpu)"
+TRAIN_DTYPE_HELP = "autocast precision over fp32 weights: auto (bf16 on CUDA, fp32 on a CPU) | fp32 | bf16"
+AMX_NOTE = "; auto is also bf16 on AMX CPUs from hidden size 512 (measured: docs/training.md)"
+INFER_DTYPE_HELP = ("weights and KV cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | bfloat16 | float16 "
+                    "(aliases fp32, bf16, fp16)")
+
+
+def _device_args(p: argparse.ArgumentParser, dtype_help: str, dtype_default: str | None = "auto") -> None:
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", default=dtype_default, help=dtype_help)
+
+
 def _show(report: dict, printer: Callable[[dict, Console], None], as_json: bool) -> int:
     """A report as JSON on stdout (--json) or as rich tables."""
     if as_json:
@@ -46,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import NonFiniteLoss, TrainConfig, train
 
     cfg = TrainConfig.from_sources(args.config, args.overrides, preset=args.preset, out=args.out,
-                                   resume=True if args.resume else None, fsdp=True if args.fsdp else None)
+                                   resume=True if args.resume else None, fsdp=True if args.fsdp else None,
+                                   device=args.device, dtype=args.dtype)
     try:
         summary = train(cfg)
     except NonFiniteLoss as e:
@@ -62,7 +78,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     from .train import check_keys, parse_overrides
 
     values: dict = {"model": args.model, "task": args.task, "out": args.out, "rewards": args.reward or []}
-    for name in ("steps", "group_size", "batch_prompts", "loss", "beta"):
+    for name in ("steps", "group_size", "batch_prompts", "loss", "beta", "device", "dtype"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.update(parse_overrides(args.overrides))
@@ -78,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
                             api_key=args.api_key, k=args.k, n=args.n, temperature=args.temperature,
                             top_p=args.top_p, max_tokens=args.max_tokens, prompt_format=args.prompt_format,
-                            out=args.out))
+                            out=args.out, device=args.device, dtype=args.dtype))
     print(summary_markdown(s))
     return 0
 
@@ -89,13 +105,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()] if args.prompt_ids else None
     return run_generate(args.model, args.prompt, ids, max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, speculative=args.draft_tokens if args.speculative else 0,
-                        chat=args.chat, ignore_eos=args.ignore_eos, compile=args.compile, dtype=args.dtype)
+                        chat=args.chat, ignore_eos=args.ignore_eos, compile=args.compile, dtype=args.dtype,
+                        device=args.device)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, fast=args.fast, fresh=args.fresh)
+    return run_demo(out=args.out, fast=args.fast, fresh=args.fresh, device=args.device, dtype=args.dtype)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -193,7 +210,8 @@ def cmd_distill_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
         filter=flt, batch_prompts=args.batch_prompts, concurrency=args.concurrency, retries=args.retries,
         backoff=args.backoff, timeout=args.timeout, seed=args.seed, overwrite=args.overwrite,
-        answer_instruction=not args.no_answer_instruction, progress=not args.json))
+        answer_instruction=not args.no_answer_instruction, progress=not args.json, device=args.device,
+        dtype=args.dtype))
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -207,7 +225,7 @@ def cmd_distill_sft(args: argparse.Namespace) -> int:
 
     s = sft(SFTConfig(traces=args.traces, out=args.out, student=args.student, preset=args.preset,
                       tokenizer=args.tokenizer, epochs=args.epochs, config=args.config, overrides=args.overrides,
-                      resume=args.resume))
+                      resume=args.resume, device=args.device, dtype=args.dtype))
     Console().print(f"SFT on {s['traces']:,} traces ({s['max_steps']} steps, seq_len {s['seq_len']}, "
                     f"{s['train_flops']:.3g} training FLOPs); student: [bold]{s['final_model']}[/]")
     return 0
@@ -220,7 +238,8 @@ def cmd_distill_kd(args: argparse.Namespace) -> int:
                     divergence=args.divergence, beta=args.beta, temperature=args.temperature,
                     lmbda=1.0 if args.on_policy else args.lmbda, ce_weight=args.ce_weight,
                     max_new_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size,
-                    seq_len=args.seq_len, lr=args.lr, seed=args.seed, resume=args.resume))
+                    seq_len=args.seq_len, lr=args.lr, seed=args.seed, resume=args.resume, device=args.device,
+                    dtype=args.dtype))
     Console().print(f"KD finished at step {s['steps']}: held-out KL(teacher||student) {s['kl_start']:.4f} -> "
                     f"{s['kl_end']:.4f}; student: [bold]{s['final_model']}[/]")
     return 0
@@ -275,6 +294,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     sp.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    _device_args(sp, "local teacher's " + INFER_DTYPE_HELP)
     sp.set_defaults(func=cmd_distill_generate)
 
     sp = dsub.add_parser("sft", help="SFT a student on traces (reasoning-keeping chat render)",
@@ -289,6 +309,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--config", help="a TOML file of TrainConfig fields")
     sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides")
+    _device_args(sp, TRAIN_DTYPE_HELP + AMX_NOTE, None)
     sp.set_defaults(func=cmd_distill_sft)
 
     sp = dsub.add_parser("kd", help="logit distillation (shared vocabulary): forward/reverse KL, JSD, on-policy")
@@ -310,6 +331,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--lr", type=float, default=5e-4)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    _device_args(sp, TRAIN_DTYPE_HELP)
     sp.set_defaults(func=cmd_distill_kd)
 
     sp = dsub.add_parser("experiment", help="distillation vs GRPO on a small student (docs/findings/distill-vs-rl.md)")
@@ -329,7 +351,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, max_model_len=args.max_model_len, chat_template=args.chat_template,
         reasoning_parser=args.reasoning_parser, max_batch=args.max_batch, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-        log_level=args.log_level, compile=args.compile, dtype=args.dtype))
+        log_level=args.log_level, compile=args.compile, dtype=args.dtype, device=args.device))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -338,7 +360,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args.model, args.url, api_key=args.api_key, served_model=args.served_model, system=args.system,
                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
                     show_thinking=args.show_thinking, color=args.color, max_model_len=args.max_model_len,
-                    reasoning_parser=args.reasoning_parser)
+                    reasoning_parser=args.reasoning_parser, device=args.device, dtype=args.dtype)
 
 
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
@@ -359,8 +381,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP speculative decoding drafts")
     sp.add_argument("--compile", action="store_true",
                     help="compile the decode step at startup (a frozen graph per batch bucket; docs/inference.md)")
-    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="weights and KV cache (bfloat16 + --compile: fastest decode on CPUs with AMX)")
+    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
     sp.add_argument("--seed", type=int, default=None, help="engine seed for unseeded requests")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sp.set_defaults(func=cmd_serve)
@@ -381,6 +402,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--max-model-len", type=int, default=None, help="with --model: context length")
     sp.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
                     help="with --model: split <think>...</think> (auto: if the chat template uses <think>)")
+    _device_args(sp, "with --model: " + INFER_DTYPE_HELP)
     sp.set_defaults(func=cmd_chat)
 
 
@@ -460,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     sp.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides")
+    _device_args(sp, TRAIN_DTYPE_HELP + AMX_NOTE + " (same as dtype=...)", None)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("rl", help="GRPO reasoning RL (R1-Zero recipe) with rule-based or plugin rewards")
@@ -473,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--beta", type=float, help="KL coefficient (R1: 0.001; 0 = no reference model)")
     sp.add_argument("--out", default="runs/rl")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any RLConfig field (see docs/rl.md)")
+    _device_args(sp, TRAIN_DTYPE_HELP + " (CPU: fp32 measured faster, docs/rl.md; same as dtype=...)", None)
     sp.set_defaults(func=cmd_rl)
 
     sp = sub.add_parser("eval", help="pass@1 / pass@k / cons@k / greedy accuracy with confidence intervals")
@@ -489,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--prompt-format", choices=["chat", "r1_zero"], default="chat")
     sp.add_argument("--out", default=None, help="directory for items.jsonl, summary.json and summary.md")
+    _device_args(sp, "with --model: " + INFER_DTYPE_HELP)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("generate", help="generate from an HF-format model directory (streams to stdout)")
@@ -506,8 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speculative", action="store_true", help="MTP speculative decoding (V3 report 5.4.3)")
     sp.add_argument("--compile", action="store_true",
                     help="compile the decode step: 3-5x faster per token after a one-off compile (docs/inference.md)")
-    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="weights and KV cache (bfloat16 + --compile: fastest decode on CPUs with AMX)")
+    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
     sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
     sp.set_defaults(func=cmd_generate)
 
@@ -515,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in about a minute")
     sp.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
+    _device_args(sp, "every stage (training: autocast, inference: weights): auto (fp32 on a CPU, as the budgets "
+                 "were measured; bf16 on CUDA) | fp32 | bf16")
     sp.set_defaults(func=cmd_demo)
     _add_tokenizer_and_data_commands(sub)
     _add_distill_commands(sub)

@@ -70,6 +70,10 @@ class DemoPlan:
     eval_n: int = 300
     eval_k: int = 4
     eval_budget: float = 120.0
+    # where every stage runs: None = CUDA if available, else CPU; "auto" precision is fp32 on a CPU (the budgets
+    # above were measured so) and bf16 on CUDA (nanoseek.device.resolve_dtype)
+    device: str | None = None
+    dtype: str = "auto"
 
     @classmethod
     def make(cls, fast: bool) -> DemoPlan:
@@ -95,10 +99,16 @@ def _stages(plan: DemoPlan) -> list[Stage]:
             Stage("eval", stage_eval, plan.eval_budget), Stage("report", stage_report, 60)]
 
 
-def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False) -> int:
+def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False, device: str | None = None,
+             dtype: str = "auto") -> int:
+    from .device import dtype_name, resolve_device
+
     console = Console()
     root = Path(out)
+    resolve_device(device)  # bad --device/--dtype fail now, not after the data stage
+    dtype_name(dtype, training=True)
     plan = DemoPlan.make(fast)
+    plan.device, plan.dtype = device, dtype
     if fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -190,7 +200,8 @@ def stage_pretrain(root: Path, plan: DemoPlan, console: Console) -> dict[str, An
                       seq_len=plan.seq_len, batch_size=plan.batch_size, max_steps=plan.pretrain_steps,
                       lr=plan.pretrain_lr, warmup_steps=plan.pretrain_warmup, schedule="wsd",
                       decay_ratio=0.3, save_every=50, out=str(out), max_time=plan.pretrain_budget,
-                      fit_to_time=True, resume=(out / "latest").exists(), keep_last=1)
+                      fit_to_time=True, resume=(out / "latest").exists(), keep_last=1, device=plan.device,
+                      dtype=plan.dtype)
     summary = train(cfg)
     ckpt = out / (out / "latest").read_text().strip()
     _publish(ckpt, root / "models" / "base")
@@ -205,7 +216,7 @@ def stage_rl(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
                    out=str(out), steps=plan.rl_steps, group_size=plan.rl_group, batch_prompts=plan.rl_prompts,
                    max_new_tokens=plan.rl_max_new, lr=plan.rl_lr, loss="grpo", beta=0.0, temperature=1.0,
                    prompt_format="chat", eval_n=0, save_every=10, sample_every=5, max_time=plan.rl_budget,
-                   resume=(out / "latest").exists(), dtype="fp32")
+                   resume=(out / "latest").exists(), device=plan.device, dtype=plan.dtype)
     summary = rl(cfg)
     _publish(Path(summary["final_model"]), root / "models" / "rl")
     return {"steps": summary["steps"]}
@@ -227,7 +238,8 @@ def stage_distill(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any
     stats = generate(GenerateConfig(out=str(out / "traces"), teacher=str(root / "models" / "rl"),
                                     prompts=str(prompts), verifier=plan.distill_verifier or plan.task,
                                     samples=plan.distill_samples,
-                                    max_tokens=plan.rl_max_new, progress=True, seed=0))
+                                    max_tokens=plan.rl_max_new, progress=True, seed=0, device=plan.device,
+                                    dtype=plan.dtype))
     left = max(10.0, plan.distill_budget - (time.perf_counter() - t0))
     overrides = [f"max_time={left}", "fit_to_time=true", f"seq_len={plan.seq_len}",
                  f"batch_size={plan.batch_size}", "lr=3e-3", "progress=true", "save_every=0", "keep_last=1",
@@ -246,7 +258,8 @@ def stage_distill(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any
         console.print("[yellow]--fast: no teacher trace accepted; the toy student trains on reference solutions[/]")
     res = sft(SFTConfig(traces=str(traces), out=str(out / "student"), preset=plan.student_preset,
                         epochs=plan.distill_epochs,
-                        tokenizer=str(root / "models" / "rl"), overrides=overrides))
+                        tokenizer=str(root / "models" / "rl"), overrides=overrides, device=plan.device,
+                        dtype=plan.dtype))
     _publish(Path(res["final_model"]), root / "models" / "student")
     console.print(f"traces: {acc} accepted of {stats.get('samples')} sampled; student "
                   f"trained {res['train']['step']} steps on {res['data_tokens']:,} tokens")
@@ -263,7 +276,7 @@ def stage_eval(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
             continue
         s = evaluate(EvalConfig(task=plan.task, task_options=plan.task_options, model=str(model), n=plan.eval_n,
                                 k=plan.eval_k, max_tokens=plan.rl_max_new, prompt_format="chat",
-                                out=str(root / "eval" / name)))
+                                out=str(root / "eval" / name), device=plan.device, dtype=plan.dtype))
         cons = f"cons@{plan.eval_k}"
         results[name] = {"greedy": s.get("greedy"), "pass@1": s["pass@1"], cons: s[cons]}
         console.print(f"{name:8s} greedy {100 * s.get('greedy', 0):5.1f}%  pass@1 {100 * s['pass@1']:5.1f}%  "

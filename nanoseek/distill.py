@@ -355,7 +355,8 @@ class LocalTeacher:
     nanoseek's batched engine on R1's chat-template prompt, which pre-fills `<think>\\n`."""
 
     def __init__(self, model_dir: str | os.PathLike, *, temperature: float = 0.6, top_p: float = 0.95,
-                 max_tokens: int = 512, max_batch: int = 32, seed: int = 0, dtype: torch.dtype | None = None) -> None:
+                 max_tokens: int = 512, max_batch: int = 32, seed: int = 0, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> None:
         from .infer import Engine
         from .weights import load
 
@@ -363,7 +364,7 @@ class LocalTeacher:
         self.tokenizer = Tokenizer.load(model_dir)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"teacher {model_dir} has no chat template (tokenizer_config.json chat_template)")
-        self.model = load(model_dir, dtype=dtype).eval()
+        self.model = load(model_dir, device=device, dtype=dtype).eval()  # device None: CUDA if available, else CPU
         self.config = self.model.config
         self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
         probe = self.tokenizer.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True)
@@ -467,8 +468,13 @@ class GenerateConfig:
     seed: int = 0
     overwrite: bool = False  # start over instead of resuming
     progress: bool = True
+    device: str | None = None  # local teacher: None = CUDA if available, else CPU (nanoseek.device)
+    dtype: str = "auto"  # local teacher's weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | ...
 
     def __post_init__(self) -> None:
+        from .device import dtype_name
+
+        dtype_name(self.dtype)
         if isinstance(self.filter, dict):
             self.filter = FilterConfig(**self.filter)
         errors = []
@@ -512,8 +518,12 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
     atomic_write_json(out / CONFIG_FILE, cfg.public())
     if teacher is None:
         if cfg.teacher:
+            from .device import resolve_device, resolve_dtype
+
+            device = resolve_device(cfg.device)
             teacher = LocalTeacher(cfg.teacher, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_tokens=cfg.max_tokens, max_batch=cfg.max_batch, seed=cfg.seed)
+                                   max_tokens=cfg.max_tokens, max_batch=cfg.max_batch, seed=cfg.seed,
+                                   device=device, dtype=resolve_dtype(cfg.dtype, device))
         else:
             teacher = RemoteTeacher(cfg.teacher_url, cfg.teacher_model, api_key=cfg.api_key,
                                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
@@ -685,6 +695,8 @@ class SFTConfig:
     config: str | None = None  # TOML of TrainConfig fields
     overrides: list[str] = field(default_factory=list)  # TrainConfig key=value
     resume: bool = False
+    device: str | None = None  # TrainConfig.device (None: CUDA if available, else CPU)
+    dtype: str | None = None  # TrainConfig.dtype (None: its default, auto); a dtype=... override wins
 
 
 def _next_pow2(n: int) -> int:
@@ -744,6 +756,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 overrides.append(f"model.{key}={value}")
     if cfg.resume:
         defaults["resume"] = True
+    defaults.update(device=cfg.device, dtype=cfg.dtype)  # None values leave TrainConfig's defaults
     tcfg = TrainConfig.from_sources(cfg.config, overrides, **defaults)
     if "max_steps" not in given:
         tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
@@ -752,7 +765,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         tcfg.warmup_steps = min(tcfg.warmup_steps, max(1, tcfg.max_steps // 10))
     result = train(tcfg)
     ckpt = latest_checkpoint(out)
-    model = load(ckpt, dtype=torch.float32)
+    model = load(ckpt, device=tcfg.device, dtype=torch.float32)
     final = model.save_pretrained(out / "final", tokenizer=tok_dir,
                                   meta={"stage": "distill_sft", "traces": str(src)})
     flops_per_token = accounting.flops_per_token(model.config, tcfg.seq_len, training=True, mtp=tcfg.mtp_lambda > 0)
@@ -855,9 +868,17 @@ class KDConfig:
     seed: int = 0
     resume: bool = False
     progress: bool = True
+    device: str | None = None  # None: CUDA if available, else CPU (nanoseek.device)
+    dtype: str = "auto"  # autocast of both forwards: auto (bf16 on CUDA, fp32 on a CPU) | fp32 | bf16
 
     def __post_init__(self) -> None:
+        from .device import dtype_name
+
         errors = []
+        try:
+            dtype_name(self.dtype, training=True)
+        except ValueError as e:
+            errors.append(str(e))
         if not self.teacher or not self.student:
             errors.append("--teacher DIR and --student DIR are required")
         if self.divergence not in DIVERGENCES:
@@ -912,22 +933,31 @@ def _on_policy_batch(engine: Any, tok: Tokenizer, items: list[dict[str, Any]], c
             "prompt_tokens": sum(map(len, prompts))}
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's tensors on the models' device (batches are assembled on the host); other values as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def kd(cfg: KDConfig) -> dict[str, Any]:
     """Logit distillation (teacher frozen, student trained): OUT/metrics.jsonl, OUT/kd.png, checkpoints,
     OUT/final and OUT/summary.json with the held-out divergence before/after (`kl_start`, `kl_end`)."""
     from . import accounting
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .device import autocast as autocast_factory
+    from .device import resolve_device, resolve_dtype
     from .infer import Engine
     from .train import TrainConfig, build_optimizers, lr_at, set_lr
     from .weights import load
 
+    device = resolve_device(cfg.device)
+    autocast = autocast_factory(device, resolve_dtype(cfg.dtype, device, training=True))
     tok = check_same_vocabulary(cfg.teacher, cfg.student)  # before loading any weights
     V = tok.vocab_size
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    teacher = load(cfg.teacher, dtype=torch.float32).eval().requires_grad_(False)
-    student = load(cfg.student, dtype=torch.float32).train()
+    teacher = load(cfg.teacher, device=device, dtype=torch.float32).eval().requires_grad_(False)
+    student = load(cfg.student, device=device, dtype=torch.float32).train()
     for name, m in (("teacher", teacher), ("student", student)):
         if m.config.vocab_size < V:
             raise ValueError(f"the {name}'s vocab_size {m.config.vocab_size} is smaller than the tokenizer's {V}")
@@ -965,18 +995,19 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
     # a fixed evaluation set, identical at start and end: packed windows (other seed) or student samples of
     # held-out prompts drawn once from the initial student
     if eval_src is not None:
-        eval_set = [next(eval_src) for _ in range(cfg.eval_batches)]
+        eval_set = [_to_device(next(eval_src), device) for _ in range(cfg.eval_batches)]
     else:
         test_items = load_prompts(cfg.prompts, cfg.batch_size * cfg.eval_batches, "test", cfg.seed) \
             if cfg.prompts in synthetic.TASKS else items[: cfg.batch_size * cfg.eval_batches]
         student.eval()
-        eval_set = [_on_policy_batch(engine, tok, test_items[i:i + cfg.batch_size], cfg, -1 - i)
+        eval_set = [_to_device(_on_policy_batch(engine, tok, test_items[i:i + cfg.batch_size], cfg, -1 - i), device)
                     for i in range(0, len(test_items), cfg.batch_size)]
         student.train()
 
     def forward(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
         doc = b.get("document_ids")
-        return model(b["input_ids"], document_ids=doc)[..., :V]
+        with autocast():  # the divergences upcast the logits to fp32 themselves
+            return model(b["input_ids"], document_ids=doc)[..., :V]
 
     @torch.no_grad()
     def eval_kl() -> float:
@@ -1013,13 +1044,13 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
                 batch_items = [items[order[(cursor + i) % len(order)]] for i in range(cfg.batch_size)]
                 cursor += cfg.batch_size
                 student.eval()
-                b = _on_policy_batch(engine, tok, batch_items, cfg, step)
+                b = _to_device(_on_policy_batch(engine, tok, batch_items, cfg, step), device)
                 student.train()
                 for r in student.routers():  # sampling forwards are not training tokens for the bias update
                     r.expert_load.zero_()
                 flops += sampling_flops(student.config, b["prompt_tokens"], b["completion_tokens"], cfg.batch_size)
             else:
-                b = next(batches)
+                b = _to_device(next(batches), device)
             mask = b["targets"] != -100
             with torch.no_grad():
                 t_logits = forward(teacher, b)

@@ -77,10 +77,15 @@ class EvalConfig:
     seed: int = 0
     out: str | None = None
     concurrency: int = 8
+    device: str | None = None  # local model: None = nanoseek.device.default_device() (CUDA if available, else CPU)
+    dtype: str = "auto"  # local model's weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | ...
 
     def __post_init__(self) -> None:
+        from .device import dtype_name
+
         if (self.model is None) == (self.url is None):
             raise ValueError("give exactly one of --model DIR or --url URL")
+        dtype_name(self.dtype)
         if self.k < 1 or self.n < 1:
             raise ValueError(f"k and n must be >= 1, got k={self.k}, n={self.n}")
         if self.url is not None:
@@ -90,12 +95,14 @@ class EvalConfig:
 
 
 def _local_sampler(cfg: EvalConfig):
+    from .device import resolve_device, resolve_dtype
     from .infer import Engine, SamplingParams
     from .rl import format_prompt
     from .tokenizer import Tokenizer
     from .weights import load
 
-    model = load(cfg.model).eval()
+    device = resolve_device(cfg.device)
+    model = load(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
     tok = Tokenizer.load(cfg.model)
 
     def run(items: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:

@@ -272,8 +272,9 @@ class SamplingTensors:
     any_repetition: bool
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu",
+    def from_params(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str | None = None,
                     generators: Sequence[torch.Generator | None] | None = None) -> SamplingTensors:
+        """device: the logits' device (None: torch's default device); generators must live on the same device."""
         def t(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
@@ -366,7 +367,10 @@ def _top_k_top_p(x: torch.Tensor, st: SamplingTensors, K: int) -> tuple[torch.Te
 
 def _uniform(shape: tuple[int, ...], generators: list[torch.Generator | None], default: torch.Generator,
              device: torch.device) -> torch.Tensor:
-    """U[0, 1) with row i drawn from generators[i] when set (seeded requests), else from the engine's generator."""
+    """U[0, 1) with row i drawn from generators[i] when set (seeded requests), else from the engine's generator.
+    The generators live on `device` (the Engine creates them there): drawing on the host and copying would add a
+    host-to-device transfer per step for nothing, since a seed cannot reproduce tokens across device types anyway
+    (CPU and CUDA generators are different algorithms, and the probabilities themselves differ by rounding)."""
     u = torch.rand(shape, device=device, generator=default)
     for i, g in enumerate(generators):
         if g is not None:
@@ -561,6 +565,7 @@ class Engine:
         self.pad_id = cfg.pad_token_id or 0
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))  # follows torch.manual_seed
+        # on the model's device, as every per-request generator (add_request): sampling never leaves the device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # per-row state, moved with the request when rows are compacted
         self._last = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # token to feed next
@@ -862,7 +867,7 @@ class Engine:
         lps, tops = self._logprobs(x, tokens, reqs)
         self._last[sl] = tokens
         if self._counts is not None:
-            self._counts[sl].scatter_add_(1, tokens[:, None], torch.ones(B, 1, dtype=torch.int32))
+            self._counts[sl].scatter_add_(1, tokens[:, None], torch.ones(B, 1, dtype=torch.int32, device=self.device))
         if self.k:  # MTP over the prompt (one position behind: position i sees token i+1), then the first drafts
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             nxt[b, last] = tokens
@@ -988,28 +993,22 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     return engine.generate([prompt_ids], params)[0].token_ids
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """"float32" | "bfloat16" -> torch dtype, with an error naming the accepted values."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                  max_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, speculative: int = 0, chat: bool = False,
-                 ignore_eos: bool = False, compile: bool = False, dtype: str = "float32") -> int:
+                 ignore_eos: bool = False, compile: bool = False, dtype: str = "auto",
+                 device: str | None = None) -> int:
     """`nanoseek generate`: load an HF-format directory (and its tokenizer, if any), stream the completion to
-    stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr."""
+    stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr. device None: the default
+    device (nanoseek.device); dtype: weights and KV cache ("auto": bf16 on CUDA, fp32 on a CPU)."""
     import json
 
+    from .device import resolve_device, resolve_dtype
     from .weights import load
 
     model_dir = Path(model_dir)
-    model = load(model_dir)
+    dev = resolve_device(device)
+    model = load(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer
@@ -1033,7 +1032,7 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
         top_p=top_p if top_p is not None else gen_cfg.get("top_p", 1.0))
     engine = Engine(model, tokenizer, max_batch=1, max_model_len=min(len(ids) + max_tokens,
                                                                       model.config.max_position_embeddings),
-                    num_speculative_tokens=speculative, compile=compile, dtype=parse_dtype(dtype))
+                    num_speculative_tokens=speculative, compile=compile)
     engine.add_request(ids, params)
     t0 = time.perf_counter()
     final = None

@@ -12,6 +12,7 @@ followed (see docs/architecture.md, "Deviations").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -1029,9 +1030,10 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def build(cfg: ModelConfig | str, device: torch.device | str | None = None,
           dtype: torch.dtype | None = None) -> Transformer:
-    """Build a model from a config or preset name. device='meta' gives a shape-only model (accounting)."""
+    """Build a model from a config or preset name. device='meta' gives a shape-only model (accounting); None builds
+    on torch's current default device (the CPU unless torch.set_default_device says otherwise)."""
     if isinstance(cfg, str):
         cfg = ModelConfig.from_preset(cfg)
-    with torch.device(device or "cpu"):
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = Transformer(cfg)
     return model.to(dtype) if dtype is not None else model

@@ -28,6 +28,8 @@ import torch
 
 from . import synthetic
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .device import autocast as autocast_factory
+from .device import dtype_name, model_device, resolve_device, resolve_dtype
 from .files import append_jsonl, read_jsonl
 from .infer import Engine, SamplingParams
 from .metrics import plot_panels, progress_bar, truncate_jsonl
@@ -72,7 +74,8 @@ class RLConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast for rollouts and updates)
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on a CPU: docs/rl.md) | fp32 | bf16 (autocast, rollouts + updates)
+    device: str | None = None  # None: CUDA if available, else CPU (nanoseek.device)
     seed: int = 0
     reward_timeout: float = 10.0
     save_every: int = 25
@@ -101,8 +104,10 @@ class RLConfig:
             errors.append(f"overlong {self.overlong!r} not in (none, mask, soft)")
         if self.prompt_format not in PROMPT_FORMATS:
             errors.append(f"prompt_format {self.prompt_format!r} not in {PROMPT_FORMATS}")
-        if self.dtype not in ("fp32", "bf16"):
-            errors.append(f"dtype {self.dtype!r} not in (fp32, bf16)")
+        try:
+            dtype_name(self.dtype, training=True)
+        except ValueError as e:
+            errors.append(str(e))
         if not self.eps_low > 0 or (self.eps_high is not None and not self.eps_high > 0):
             errors.append("eps_low and eps_high must be > 0")
         if self.beta < 0 or self.temperature <= 0:
@@ -190,7 +195,8 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log pi(token) of every completion token under `model` at `temperature` (as sampled): (B, L) logprobs,
     (B, L) mask and optionally per-token entropy. Sequences are right-padded, so plain causal attention suffices."""
-    device = next(model.parameters()).device
+    device = model_device(model)
+    # rows are filled on the host (cheap per-row writes) and moved to the model's device in one copy each
     L = max(len(c) for c in completions)
     T = max(len(p) + len(c) for p, c in zip(prompts, completions))
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
@@ -255,6 +261,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     OUT/final (an HF model directory with the tokenizer, servable by `nanoseek serve`)."""
     if not cfg.model:
         raise ValueError("model is required: a model directory (config.json + safetensors + tokenizer)")
+    device = resolve_device(cfg.device)  # before any work: `--device cuda` without a GPU fails here
     task = load_task(cfg.task, n_train=cfg.n_train_items, n_test=max(cfg.eval_n, 0), seed=cfg.seed,
                      options=cfg.task_options)
     rewarder = RewardRunner(_reward_specs(cfg, task), timeout=cfg.reward_timeout)  # import errors before compute
@@ -264,7 +271,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype=torch.float32)
+    model = load_model(cfg.model, device=device, dtype=torch.float32)  # fp32 master weights; autocast below
     model.train()
     ref = None
     if cfg.beta > 0:
@@ -280,7 +287,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         for f in ("metrics.jsonl", "samples.jsonl"):
             (out / f).unlink(missing_ok=True)
     (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.dtype == "bf16" else nullcontext
+    autocast = autocast_factory(device, resolve_dtype(cfg.dtype, device, training=True))
     P, G = cfg.batch_prompts, cfg.group_size
     prompt_len = max(len(format_prompt(it, tokenizer, cfg.prompt_format)) for it in task.items + task.test_items)
     engine = Engine(model, tokenizer, max_batch=P * G, max_model_len=prompt_len + cfg.max_new_tokens + 8,
@@ -338,11 +345,12 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 continue
             # ---- advantages, old/ref log-probs ------------------------------------------------------------------
             model.train()
-            rewards = torch.tensor([s["reward"] for s in batch])
-            adv = group_advantages(rewards, G, cfg.scale_rewards)
+            rewards = torch.tensor([s["reward"] for s in batch])  # host: logged statistics
+            adv = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # meets the log-probs in the loss
             prompts = [s["prompt"] for s in batch]
             comps = [s["completion"] or [tokenizer.eos_id] for s in batch]
-            keep = torch.tensor([not (cfg.overlong == "mask" and s["finish_reason"] == "length") for s in batch])
+            keep = torch.tensor([not (cfg.overlong == "mask" and s["finish_reason"] == "length") for s in batch],
+                                device=device)
             # one update per rollout batch: the old policy *is* the current one, so the old log-probs are the
             # update pass's own, detached (ratio = 1, gradient unchanged) and their separate forward is skipped
             reuse_old = cfg.mu == 1 and cfg.mini_batches == 1
@@ -362,7 +370,9 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             stats_acc: dict[str, float] = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
             n_updates = 0
             for epoch in range(cfg.mu):
-                # a fresh mini-batch order per epoch (as PPO reshuffles), reproducible per (step, epoch) on resume
+                # a fresh mini-batch order per epoch (as PPO reshuffles), reproducible per (step, epoch) on resume;
+                # a host generator on purpose: the permutation only orders Python lists (.tolist()), and the same
+                # seed then gives the same mini-batches on every device
                 perm = torch.randperm(n, generator=torch.Generator().manual_seed(
                     derive_seed(cfg.seed, "minibatch", step, epoch)))
                 for i in range(0, n, mb):
@@ -485,7 +495,7 @@ def _sampler_mismatch(batch: list[dict[str, Any]], old_logp: torch.Tensor, mask:
             continue
         k = min(len(lp), int(mask[i].sum()))
         if k:
-            diffs += float((old_logp[i, :k] - torch.tensor(lp[:k])).abs().sum())
+            diffs += float((old_logp[i, :k] - torch.tensor(lp[:k], device=old_logp.device)).abs().sum())
             n += k
     return diffs / n if n else math.nan
 

@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .infer import Engine, RequestOutput, SamplingParams, parse_dtype
+from .infer import Engine, RequestOutput, SamplingParams
 from .reasoning import END_THINK, StreamSplitter, detect_reasoning
 from .tokenizer import Tokenizer
 
@@ -481,7 +481,13 @@ class ServeConfig:
     seed: int | None = None
     log_level: str = "info"
     compile: bool = False  # Engine(compile=True): a compiled decode step per batch bucket, compiled at startup
-    dtype: str = "float32"  # weights and cache: float32 | bfloat16
+    dtype: str = "auto"  # weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | bfloat16 | float16
+    device: str | None = None  # None: nanoseek.device.default_device() (CUDA if available, else CPU)
+
+    def __post_init__(self) -> None:
+        from .device import dtype_name
+
+        dtype_name(self.dtype)  # a bad --dtype fails before the model is read
 
 
 class Server:
@@ -502,18 +508,19 @@ class Server:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> Server:
+        from .device import resolve_device, resolve_dtype
         from .weights import load
 
+        device = resolve_device(cfg.device)  # before reading anything: `--device cuda` without a GPU fails fast
         model_dir = Path(cfg.model)
         if not (model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}: the server needs the model's tokenizer")
         tokenizer = Tokenizer.load(model_dir)
         if cfg.chat_template is not None:
             tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
-        model = load(model_dir).eval()
+        model = load(model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
-                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile,
-                        dtype=parse_dtype(cfg.dtype))
+                        num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile)
         defaults: dict[str, float] = {}
         gen = model_dir / "generation_config.json"
         if gen.is_file():  # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)
@@ -962,7 +969,8 @@ def serve(cfg: ServeConfig) -> int:
     if not _is_loopback(cfg.host) and server.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach the port can use the model "
                     "(set --api-key or NANOSEEK_API_KEY)", cfg.host)
-    log.info("model %s -> http://%s:%d (web chat at /, API at /v1)", cfg.model, cfg.host, cfg.port)
+    log.info("model %s (%s, %s) -> http://%s:%d (web chat at /, API at /v1)", cfg.model, server.engine.device,
+             str(server.engine.dtype).removeprefix("torch."), cfg.host, cfg.port)
     uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     return 0
 

@@ -27,6 +27,8 @@ from torch import nn
 
 from . import accounting
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .device import autocast as autocast_factory
+from .device import dtype_name, resolve_device, resolve_dtype, synchronize
 from .files import append_jsonl, read_jsonl
 from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .model import ModelConfig, Transformer, build
@@ -66,6 +68,7 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # gamma of V3 eq. 16; 0 freezes the router bias
     # speed
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, and on AMX CPUs from hidden 512: measured) | fp32 | bf16
+    device: str | None = None  # None: CUDA if available (cuda:LOCAL_RANK under torchrun), else CPU (nanoseek.device)
     compile: bool = False
     fsdp: bool = False
     # run
@@ -89,8 +92,10 @@ class TrainConfig:
             errors.append(f"optimizer {self.optimizer!r} not in (adamw, muon)")
         if self.schedule not in ("cosine", "wsd", "constant"):
             errors.append(f"schedule {self.schedule!r} not in (cosine, wsd, constant)")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            errors.append(f"dtype {self.dtype!r} not in (auto, fp32, bf16)")
+        try:
+            dtype_name(self.dtype, training=True)
+        except ValueError as e:
+            errors.append(str(e))
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -221,19 +226,21 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     return opts
 
 
-def _dist_info() -> tuple[int, int, torch.device]:
+def _dist_info(device_name: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). The device comes first: it picks the process-group backend
+    (NCCL for CUDA, gloo otherwise), and a bare "cuda" becomes cuda:LOCAL_RANK (one GPU per torchrun process)."""
+    device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    return rank, world, device
 
 
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -258,19 +265,10 @@ class _LossModule(nn.Module):
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device, hidden_size: int) -> torch.dtype | None:
-    if cfg.dtype == "fp32":
-        return None
-    if cfg.dtype == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    # CPU: bf16 autocast pays where bf16 matmuls run on AMX and are wide enough to amortise the casts. Measured
-    # (oneDNN primitive cache 16,384 as nanoseek sets it; docs/LOG.md): `wide` (hidden 512) bf16 is faster with one
-    # thread (2.05 vs 2.80 s per step) and two (1.55 vs 1.64 s; compiled 1.22 vs 1.55 s); `small` (hidden 256) only
-    # with one thread (0.73 vs 0.86 s; two threads: 0.66 vs 0.51 s); the demo's hidden 128 never. Without AMX,
-    # bf16 matmuls are emulated or AVX-512-BF16 only: keep fp32.
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if amx and hidden_size >= 512 else None
+    """The autocast dtype of a run, None for plain fp32. The rules (bf16 on CUDA; on an AMX CPU from hidden 512,
+    measured) live in nanoseek.device.resolve_dtype."""
+    dt = resolve_dtype(cfg.dtype, device, training=True, amx_hidden_size=hidden_size)
+    return None if dt == torch.float32 else dt
 
 
 _PEAK_CACHE: dict[str, float] = {}
@@ -283,12 +281,12 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         n = 2048
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
+        synchronize(device)  # the warm-up matmul must not run into the timed loop
         reps, t0 = 0, time.perf_counter()
         while reps < 3 or time.perf_counter() - t0 < 0.3:
             a @ b
             reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)  # GPU kernels run asynchronously: time them finished
         _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)
     return _PEAK_CACHE[key]
 
@@ -298,6 +296,8 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _make_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    if device.type == "meta":  # a shape-only model would fail later, somewhere obscure
+        raise ValueError("cannot train on the meta device: it holds shapes, not weights (use --device cpu or cuda)")
     if cfg.model:
         model = load_model(cfg.model, device=device, dtype=torch.float32)
         if cfg.model_overrides:
@@ -365,7 +365,7 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary dict. Works alone or under torchrun."""
-    rank, world, device = _dist_info()
+    rank, world, device = _dist_info(cfg.device)
     out = Path(cfg.out)
     master = rank == 0
     if master:
@@ -423,7 +423,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         runner = torch.compile(runner)
 
     ac_dtype = _autocast_dtype(cfg, device, model.config.hidden_size)
-    autocast = (lambda: torch.autocast(device.type, dtype=ac_dtype)) if ac_dtype else nullcontext
+    autocast = autocast_factory(device, ac_dtype or torch.float32)
     if master and cfg.progress:
         print(f"train on {device}: {'bf16 autocast' if ac_dtype else 'fp32'} (dtype = {cfg.dtype!r})"
               f"{', compiled' if cfg.compile else ''}")

@@ -247,11 +247,19 @@ def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_file.read_text()).get("nanoseek", {}) if cfg_file.exists() else {}
 
 
-def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Transformer:
     """Load an HF-format DeepseekV3/V2 directory (nanoseek's own or an official checkpoint) as a nanoseek model.
 
-    dtype None keeps the checkpoint's floating dtype (fp32 for nanoseek's own files, bf16 for FP8 checkpoints).
+    device None: nanoseek.device.default_device() (CUDA if available, else CPU). Tensors are read on the host and
+    copied into the model's storage on `device`. dtype None keeps the checkpoint's floating dtype (fp32 for
+    nanoseek's own files, bf16 for FP8 checkpoints).
     """
+    from .device import resolve_device
+
+    device = resolve_device(device)
+    if device.type == "meta":  # to_empty + copy_ would "succeed" and return a model without weights
+        raise CheckpointError(f"cannot load {path} onto the meta device: it holds shapes, not weights "
+                              "(`nanoseek params --model DIR` counts a model without loading it)")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -265,7 +273,9 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    # allocated on `device` directly in `dtype` (the router bias stays fp32: Router._apply): loading a bf16 model
+    # onto a GPU never holds an fp32 copy there; the checkpoint's tensors are cast by copy_
+    model = model.to(dtype).to_empty(device=device)
     model.rotary.__init__(cfg)  # non-persistent buffers are not in the checkpoint: recompute
     model.to(device)
     model.init_weights()  # anything not in the checkpoint (fresh MTP) gets a proper init
