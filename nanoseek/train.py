@@ -15,7 +15,7 @@ import math
 import os
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,8 +363,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training job; returns a summary dict. Works alone or under torchrun."""
+def train(cfg: TrainConfig, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Run (or resume) a training job; returns a summary dict. Works alone or under torchrun. `clock` times the
+    steps, `max_time` and `fit_to_time` (tests inject a deterministic one)."""
     rank, world, device = _dist_info(cfg.device)
     out = Path(cfg.out)
     master = rank == 0
@@ -434,7 +435,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress = progress_bar(master and cfg.progress)
     task = progress.add_task("train", total=cfg.max_steps, completed=start_step) if progress else None
     metrics_file = out / "metrics.jsonl"
-    t_start = time.perf_counter()
+    t_start = clock()
     fit_at = start_step + _FIT_AFTER if cfg.fit_to_time and cfg.max_time else None
     t_fit = t_start  # when the timed steps began (after the first two, which pay for warm-up)
     last_good = start_step
@@ -442,7 +443,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "finished"}
     with progress or nullcontext():
         for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             if step == start_step + 2:
                 t_fit = t0
             if step == fit_at:
@@ -476,12 +477,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 o.step()
                 o.zero_grad(set_to_none=True)
             maxvio = model.update_router_bias(cfg.bias_update_speed)  # all-reduces loads under DP
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             rec = {"step": step + 1, "lr": lr, "grad_norm": float(gnorm),
                    **{k: float(_all_mean(torch.tensor([v], device=device))) for k, v in sums.items()},
                    "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
                    "mfu": flops_per_token * tokens_per_step / dt / peak, "step_time": dt,
-                   "maxvio": [round(float(v), 4) for v in maxvio], "elapsed": time.perf_counter() - t_start}
+                   "maxvio": [round(float(v), 4) for v in maxvio], "elapsed": clock() - t_start}
             if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["val_loss"] = evaluate(model, cfg, rank, world, device, autocast)
             if master and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
@@ -490,7 +491,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 progress.update(task, completed=step + 1,
                                 description=f"train loss {rec['loss']:.3f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s")
             done = step + 1 == cfg.max_steps
-            over_time = cfg.max_time is not None and time.perf_counter() - t_start > cfg.max_time
+            over_time = cfg.max_time is not None and clock() - t_start > cfg.max_time
             if done or over_time or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 _save(out, step + 1, model, opts, cfg, batches, rank,
                       {"loss": rec["loss"], "train_config": dataclasses.asdict(cfg)})

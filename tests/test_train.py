@@ -62,16 +62,36 @@ def test_schedules():
     assert lr_at(50, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
 
 
+class FakeClock:
+    """A clock that advances `tick` seconds each time it is read: the trainer reads it 4 times per step, so a
+    step "takes" 4 ticks whatever the machine's load (no wall-clock in the test)."""
+
+    def __init__(self, tick: float) -> None:
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
 def test_fit_to_time_completes_the_schedule_within_the_budget(corpus, tmp_path):
-    # 100k steps cannot fit in 4 s: the run is shortened after a few timed steps so that the WSD decay completes
+    # 100k steps cannot fit in 4 s at 0.04 s/step: after 10 steps (8 timed) the run is shortened to what fits,
+    # 10 + int(0.97 * (4 - 0.41) / 0.04) = 97 steps, so that the WSD decay completes within the budget
     res = train(_cfg(corpus, tmp_path, max_steps=100_000, schedule="wsd", decay_ratio=0.5, min_lr_ratio=0.0,
-                     max_time=4.0, fit_to_time=True))
+                     max_time=4.0, fit_to_time=True), clock=FakeClock(0.01))
     recs = read_metrics(tmp_path / "metrics.jsonl")
-    assert res["status"] == "finished" and res["step"] == len(recs) < 100_000
+    assert res["status"] == "finished" and res["step"] == len(recs) == 97
     assert recs[-1]["lr"] < 0.1 * recs[len(recs) // 3]["lr"]  # decayed, not cut off at peak
     state = json.loads((tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.json").read_text())
     saved = state["extra"]["train_config"]  # the fitted length is what a resumed run will use
     assert saved["max_steps"] == res["step"] and saved["fit_to_time"] is False
+
+
+def test_max_time_stops_and_saves_at_the_budget(corpus, tmp_path):
+    # without fit_to_time the budget cuts the run: it stops at the first step that ends past max_time and saves
+    res = train(_cfg(corpus, tmp_path, max_steps=1000, max_time=0.98), clock=FakeClock(0.01))
+    assert res["status"] == "time_budget" and res["step"] == 25  # 4 ticks per step: 25 steps take 1.0 s > 0.98
+    assert (tmp_path / "latest").read_text().strip().endswith("25")
 
 
 def test_muon_and_grad_accum_train(corpus, tmp_path):
