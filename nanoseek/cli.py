@@ -13,7 +13,31 @@ from rich.console import Console
 def _model_source(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset", help="a named preset (tiny, small, deepseek-v2-lite, deepseek-v2, deepseek-v3)")
-    g.add_argument("--model", help="an HF-format model directory (config.json + safetensors)")
+    g.add_argument("--model", help="an HF-format model directory or Hub id (only its config.json is read)")
+    _revision_arg(p)
+
+
+# Model arguments (--model, --teacher, --student) take a local directory or a Hugging Face Hub id; main()
+# resolves them to a local directory once (nanoseek.hub), so the stages only ever see directories.
+MODEL_ARGS = ("model", "teacher", "student")
+HUB_NOTE = " or Hub id (owner/name)"
+
+
+def _revision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="with a Hub id: the branch, tag or commit to use (default: main); applies to every Hub id")
+
+
+def _resolve_models(args: argparse.Namespace) -> None:
+    if not hasattr(args, "revision"):  # commands whose --model is not a model to load (audit: a served name)
+        return
+    from .hub import resolve_model_dir
+
+    weights = args.func not in (cmd_params, cmd_cost)  # accounting reads config.json only
+    for name in MODEL_ARGS:
+        value = getattr(args, name, None)
+        if value:
+            setattr(args, name, str(resolve_model_dir(value, args.revision, flag=f"--{name}", weights=weights)))
 
 
 # --device / --dtype of every command that loads a model. The strings travel in the stage's config dataclass and
@@ -258,7 +282,8 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     dsub = dp.add_subparsers(dest="distill_command", required=True, metavar="COMMAND")
     sp = dsub.add_parser("generate", help="sample reasoning traces from a teacher, keep the verified ones (resumable)")
     t = sp.add_mutually_exclusive_group(required=True)
-    t.add_argument("--teacher", help="a model directory (nanoseek's engine)")
+    t.add_argument("--teacher", help="a model directory" + HUB_NOTE + " (nanoseek's engine)")
+    _revision_arg(sp)
     t.add_argument("--teacher-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     sp.add_argument("--teacher-model", help="model name at --teacher-url (default: its only model)")
     sp.add_argument("--api-key", default=None, help="API key (default $OPENAI_API_KEY; never written to disk)")
@@ -300,7 +325,8 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp = dsub.add_parser("sft", help="SFT a student on traces (reasoning-keeping chat render)",
                          description="Extra KEY=VALUE arguments are TrainConfig overrides (docs/training.md).")
     s = sp.add_mutually_exclusive_group(required=True)
-    s.add_argument("--student", help="a model directory (with tokenizer) to fine-tune")
+    s.add_argument("--student", help="a model directory" + HUB_NOTE + " (with tokenizer) to fine-tune")
+    _revision_arg(sp)
     s.add_argument("--preset", help="a fresh student from a preset (tiny, small, ...)")
     sp.add_argument("--traces", required=True, help="traces.jsonl or a `distill generate` directory")
     sp.add_argument("--tokenizer", help="with --preset: tokenizer directory (default: a local teacher's)")
@@ -313,8 +339,9 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_distill_sft)
 
     sp = dsub.add_parser("kd", help="logit distillation (shared vocabulary): forward/reverse KL, JSD, on-policy")
-    sp.add_argument("--teacher", required=True, help="teacher model directory (with tokenizer)")
-    sp.add_argument("--student", required=True, help="student model directory (same vocabulary)")
+    sp.add_argument("--teacher", required=True, help="teacher model directory" + HUB_NOTE + " (with tokenizer)")
+    _revision_arg(sp)
+    sp.add_argument("--student", required=True, help="student model directory" + HUB_NOTE + " (same vocabulary)")
     sp.add_argument("--out", required=True, help="run directory; the student is written to OUT/final")
     sp.add_argument("--data", help="a prepared directory (`nanoseek data prepare`) or chat traces (.jsonl/dir)")
     sp.add_argument("--prompts", help="on-policy prompts: arithmetic | countdown | FILE.jsonl")
@@ -366,7 +393,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("serve", help="OpenAI-compatible API server (+ web chat at /)",
                         description="See docs/serving.md. Binds 127.0.0.1 unless --host says otherwise.")
-    sp.add_argument("--model", required=True, help="model directory (with its tokenizer files)")
+    sp.add_argument("--model", required=True, help="model directory" + HUB_NOTE + " (with its tokenizer files)")
+    _revision_arg(sp)
     sp.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key", default=None, help="require this bearer key (default $NANOSEEK_API_KEY, if set)")
@@ -388,7 +416,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     sp = sub.add_parser("chat", help="terminal chat with a model directory (in-process) or a server URL")
     g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="model directory: runs the engine in this process")
+    g.add_argument("--model", help="model directory" + HUB_NOTE + ": runs the engine in this process")
+    _revision_arg(sp)
     g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     sp.add_argument("--api-key", default=None, help="with --url (default $NANOSEEK_API_KEY)")
     sp.add_argument("--served-model", default=None, help="with --url: model name (default: the first listed)")
@@ -486,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("rl", help="GRPO reasoning RL (R1-Zero recipe) with rule-based or plugin rewards")
-    sp.add_argument("--model", required=True, help="model directory (with tokenizer files)")
+    sp.add_argument("--model", required=True, help="model directory" + HUB_NOTE + " (with tokenizer files)")
+    _revision_arg(sp)
     sp.add_argument("--task", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt, answer)")
     sp.add_argument("--reward", action="append", help="extra reward module:fn[=weight] (repeatable)")
     sp.add_argument("--steps", type=int)
@@ -501,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="pass@1 / pass@k / cons@k / greedy accuracy with confidence intervals")
     src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a local model directory")
+    src.add_argument("--model", help="a local model directory" + HUB_NOTE)
+    _revision_arg(sp)
     src.add_argument("--url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     sp.add_argument("--served-model", help="model name at --url")
     sp.add_argument("--api-key", default=None)
@@ -517,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("generate", help="generate from an HF-format model directory (streams to stdout)")
-    sp.add_argument("--model", required=True, help="model directory (its tokenizer files are used when present)")
+    sp.add_argument("--model", required=True,
+                    help="model directory" + HUB_NOTE + " (its tokenizer files are used when present)")
+    _revision_arg(sp)
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 0,5,17")
@@ -552,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _resolve_models(args)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)

@@ -112,8 +112,11 @@ class Tokenizer:
     # ---- loading and saving --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
-        path = Path(path)
+    def load(cls, path: str | os.PathLike, revision: str | None = None) -> Tokenizer:
+        """A tokenizer directory (tokenizer.json + tokenizer_config.json), or a Hub id (see nanoseek.hub)."""
+        from .hub import resolve_model_dir
+
+        path = resolve_model_dir(path, revision, flag="tokenizer")
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path} (train one with `nanoseek tokenizer train`)")
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))

@@ -247,15 +247,20 @@ def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_file.read_text()).get("nanoseek", {}) if cfg_file.exists() else {}
 
 
-def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Transformer:
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+         revision: str | None = None) -> Transformer:
     """Load an HF-format DeepseekV3/V2 directory (nanoseek's own or an official checkpoint) as a nanoseek model.
+    `path` may also be a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`, at `revision`): nanoseek.hub fetches
+    it into the shared cache once.
 
     device None: nanoseek.device.default_device() (CUDA if available, else CPU). Tensors are read on the host and
     copied into the model's storage on `device`. dtype None keeps the checkpoint's floating dtype (fp32 for
     nanoseek's own files, bf16 for FP8 checkpoints).
     """
     from .device import resolve_device
+    from .hub import resolve_model_dir
 
+    path = resolve_model_dir(path, revision, flag="model")
     device = resolve_device(device)
     if device.type == "meta":  # to_empty + copy_ would "succeed" and return a model without weights
         raise CheckpointError(f"cannot load {path} onto the meta device: it holds shapes, not weights "
