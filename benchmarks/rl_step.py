@@ -43,7 +43,7 @@ from nanoseek.files import read_jsonl  # noqa: E402
 from nanoseek.model import ModelConfig, build  # noqa: E402
 from nanoseek.rewards import arithmetic_accuracy, format_reward  # noqa: E402
 from nanoseek.rl import RLConfig, rl  # noqa: E402
-from nanoseek.tokenizer import train_tokenizer  # noqa: E402
+from nanoseek.data import train_tokenizer  # noqa: E402
 
 TASK_OPTIONS = {"max_digits": 2, "mul_digits": (2, 1)}
 

@@ -81,9 +81,10 @@ def scripted_small_model(root: Path, reasoning_tokens: int) -> Path:
     import torch
 
     from nanoseek import synthetic
+    from nanoseek.data import train_tokenizer
     from nanoseek.model import build
     from nanoseek.reasoning import END_THINK
-    from nanoseek.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    from nanoseek.tokenizer import SPECIAL_TOKENS
 
     items = synthetic.generate("arithmetic", 3000) + synthetic.generate("countdown", 1000)
     (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(i) for i in items))

@@ -140,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .tokenizer import train_tokenizer
+    from .data import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
     short = f" (of {args.vocab_size} requested: no pair left with count >= {args.min_frequency})" \
@@ -151,7 +151,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
-    from .tokenizer import print_stats, tokenizer_stats
+    from .data import tokenizer_stats
+    from .tokenizer import print_stats
 
     rows = tokenizer_stats(args.tokenizer, args.input)
     if args.json:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .files import atomic_dir
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, train_bpe
 
 FORMAT, VERSION = "nanoseek-tokens", 1
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -433,3 +433,46 @@ class PackedBatches:
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"data state step {state['step']} is outside [0, {self.steps_per_epoch})")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# ---- tokenizer training and statistics over files (the tokenizer itself only sees texts) ----------------------
+
+
+def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike, *,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Trains nanoseek's byte-level BPE on text files (.txt, .jsonl with `text`/`messages`, .parquet) and saves it
+    (tokenizer.train_bpe on their documents)."""
+    paths = check_inputs(files)
+    return train_bpe(_training_texts(paths), vocab_size, out_dir, min_frequency=min_frequency,
+                     source=", ".join(map(str, paths)))
+
+
+def _training_texts(paths: Sequence[Path]) -> Iterator[str]:
+    for path in paths:
+        for doc in iter_documents(path):  # .txt paragraphs are enough context for BPE's pair counts
+            if isinstance(doc, str):
+                yield doc
+            else:
+                for m in doc:
+                    yield from (m[k] for k in ("content", "reasoning_content") if isinstance(m.get(k), str))
+
+
+def tokenizer_stats(tokenizer_dir: str | os.PathLike, files: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Characters, UTF-8 bytes and tokens per file, to compare what a language or domain costs."""
+    tok = Tokenizer.load(tokenizer_dir)
+    rows = []
+    for path in check_inputs(files):
+        chars = nbytes = ntok = 0
+        batch: list[str] = []
+        for doc in iter_documents(path, txt_split="paragraph"):
+            text = doc if isinstance(doc, str) else "\n".join(str(m.get("content") or "") for m in doc)
+            chars += len(text)
+            nbytes += len(text.encode())
+            batch.append(text)
+            if len(batch) >= 1024:
+                ntok += sum(map(len, tok.encode_batch(batch)))
+                batch = []
+        ntok += sum(map(len, tok.encode_batch(batch)))
+        rows.append({"file": str(path), "characters": chars, "bytes": nbytes, "tokens": ntok,
+                     "chars_per_token": chars / max(ntok, 1), "bytes_per_token": nbytes / max(ntok, 1)})
+    return rows

@@ -173,8 +173,8 @@ def chat_document(item: dict[str, Any], tok: Any) -> str:
 
 def stage_data(root: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
     from . import synthetic
-    from .data import prepare
-    from .tokenizer import Tokenizer, train_tokenizer
+    from .data import prepare, train_tokenizer
+    from .tokenizer import Tokenizer
 
     d = root / "data"
     d.mkdir(parents=True, exist_ok=True)

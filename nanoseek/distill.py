@@ -1232,10 +1232,9 @@ def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     from rich.console import Console
 
     from . import accounting
-    from .data import prepare
+    from .data import prepare, train_tokenizer
     from .eval import EvalConfig, evaluate
     from .rl import RLConfig, format_prompt, rl
-    from .tokenizer import train_tokenizer
     from .train import TrainConfig, train
     from .weights import load
 

@@ -338,32 +338,31 @@ def build_pipeline() -> tokenizers.Tokenizer:
     return tok
 
 
-def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike, *,
-                    min_frequency: int = 2) -> Tokenizer:
-    """Trains a byte-level BPE on text files (.txt, .jsonl with `text`/`messages`, .parquet) and saves it."""
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *, min_frequency: int = 2,
+              source: str = "the texts") -> Tokenizer:
+    """Trains a byte-level BPE with DeepSeek's special tokens on an iterable of texts and saves it to `out_dir`.
+    Reading files is data.py's job (`data.train_tokenizer` walks .txt/.jsonl/.parquet into this); `source` names
+    where the texts came from in errors."""
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} is too small: {len(SPECIAL_TOKENS)} special tokens + 256 bytes "
                          f"need at least {minimum}")
     if vocab_size > 2**32:
         raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids")
-    from .data import check_inputs
-
-    paths = check_inputs(files)
     tok = build_pipeline()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     seen = [0]
 
-    def texts() -> Iterator[str]:
-        for text in _training_texts(paths):
+    def counted() -> Iterator[str]:
+        for text in texts:
             seen[0] += len(text)
             yield text
 
-    tok.train_from_iterator(texts(), trainer=trainer)
+    tok.train_from_iterator(counted(), trainer=trainer)
     if seen[0] == 0:
-        raise ValueError(f"no text to train on in {', '.join(map(str, paths))}")
+        raise ValueError(f"no text to train on in {source}")
     # The trainer marks every special token `special`; keep the ones the model writes visible on decode.
     spec = json.loads(tok.to_str())
     for added in spec["added_tokens"]:
@@ -380,42 +379,7 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, out_dir
     return out
 
 
-def _training_texts(paths: Sequence[Path]) -> Iterator[str]:
-    from .data import iter_documents
-
-    for path in paths:
-        for doc in iter_documents(path):  # .txt paragraphs are enough context for BPE's pair counts
-            if isinstance(doc, str):
-                yield doc
-            else:
-                for m in doc:
-                    yield from (m[k] for k in ("content", "reasoning_content") if isinstance(m.get(k), str))
-
-
 # ---- stats ---------------------------------------------------------------------------------------------------
-
-
-def tokenizer_stats(tokenizer_dir: str | os.PathLike, files: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Characters, UTF-8 bytes and tokens per file, to compare what a language or domain costs."""
-    from .data import check_inputs, iter_documents
-
-    tok = Tokenizer.load(tokenizer_dir)
-    rows = []
-    for path in check_inputs(files):
-        chars = nbytes = ntok = 0
-        batch: list[str] = []
-        for doc in iter_documents(path, txt_split="paragraph"):
-            text = doc if isinstance(doc, str) else "\n".join(str(m.get("content") or "") for m in doc)
-            chars += len(text)
-            nbytes += len(text.encode())
-            batch.append(text)
-            if len(batch) >= 1024:
-                ntok += sum(map(len, tok.encode_batch(batch)))
-                batch = []
-        ntok += sum(map(len, tok.encode_batch(batch)))
-        rows.append({"file": str(path), "characters": chars, "bytes": nbytes, "tokens": ntok,
-                     "chars_per_token": chars / max(ntok, 1), "bytes_per_token": nbytes / max(ntok, 1)})
-    return rows
 
 
 def print_stats(rows: list[dict[str, Any]], console: Any, title: str = "") -> None:

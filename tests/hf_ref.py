@@ -41,8 +41,8 @@ def make_tiny_model_dir(d, name: str = "model", seed: int = 0):
     from pathlib import Path
 
     from nanoseek import build
+    from nanoseek.data import train_tokenizer
     from nanoseek.synthetic import generate, to_text
-    from nanoseek.tokenizer import train_tokenizer
 
     d = Path(d)
     (d / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 300, seed=1)))

@@ -313,7 +313,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     import torch
 
     from nanoseek import build, synthetic
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data import train_tokenizer
 
     root = tmp_path_factory.mktemp("audit_serve")
     (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(i) for i in synthetic.generate("arithmetic", 300)))

@@ -8,8 +8,8 @@ import torch
 
 from nanoseek import synthetic
 from nanoseek.cli import main
-from nanoseek.data import PackedBatches, TokenDataset, prepare, token_dtype
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.data import PackedBatches, TokenDataset, prepare, token_dtype, train_tokenizer
+from nanoseek.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import torch
 
 from nanoseek import build
 from nanoseek.client import EndpointError
+from nanoseek.data import train_tokenizer
 from nanoseek.distill import (
     FilterConfig,
     GenerateConfig,
@@ -44,7 +45,7 @@ from nanoseek.distill import (
 from nanoseek.reasoning import split as split_reasoning
 from nanoseek.synthetic import generate as synth_items
 from nanoseek.synthetic import synth, to_text
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

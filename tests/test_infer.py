@@ -233,7 +233,7 @@ def test_stop_strings_never_leak_a_partial_stop_string(model):
 
 
 def test_text_deltas_with_a_real_byte_level_tokenizer(tmp_path):
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data import train_tokenizer
 
     (tmp_path / "c.txt").write_text("The café serves 中文 text and emoji 🙂 daily. Then END here.\n" * 30)
     tok = train_tokenizer([tmp_path / "c.txt"], 300, tmp_path / "tok")

@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from nanoseek import build, synthetic
+from nanoseek.data import train_tokenizer
 from nanoseek.reasoning import END_THINK, StreamSplitter
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.tokenizer import Tokenizer
 
 REASONING, ANSWER = "Think", "Hey!"
 KEY = "sk-test-0123456789"

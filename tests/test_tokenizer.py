@@ -7,7 +7,8 @@ import pytest
 
 from nanoseek import synthetic
 from nanoseek.cli import main
-from nanoseek.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, tokenizer_stats, train_tokenizer
+from nanoseek.data import tokenizer_stats, train_tokenizer
+from nanoseek.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog while the assistant thinks about the answer.\n"
            "A user asks a question and the assistant reasons step by step before it answers.")

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from nanoseek import load
-from nanoseek.data import prepare
+from nanoseek.data import prepare, train_tokenizer
 from nanoseek.synthetic import generate, to_text
-from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import NonFiniteLoss, TrainConfig, lr_at, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
