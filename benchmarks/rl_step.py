@@ -39,11 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanoseek import synthetic  # noqa: E402
+from nanoseek.data import train_tokenizer  # noqa: E402
 from nanoseek.files import read_jsonl  # noqa: E402
 from nanoseek.model import ModelConfig, build  # noqa: E402
 from nanoseek.rewards import arithmetic_accuracy, format_reward  # noqa: E402
 from nanoseek.rl import RLConfig, rl  # noqa: E402
-from nanoseek.data import train_tokenizer  # noqa: E402
 
 TASK_OPTIONS = {"max_digits": 2, "mul_digits": (2, 1)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable
 
 from rich.console import Console
@@ -583,13 +584,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raised_by_nanoseek(e: BaseException) -> bool:
+    """Whether nanoseek's own code raised `e` (its checks of user input, which word the fix), rather than torch or
+    another library deep inside a computation (where one line without a traceback would hide a bug)."""
+    from pathlib import Path
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _resolve_models(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+    except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_nanoseek(e):  # a library's own ValueError is a bug to report: keep its traceback
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)  # user errors: one clear line
         return 2
     except KeyboardInterrupt:
         return 130

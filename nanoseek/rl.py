@@ -278,9 +278,11 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=True)
-    start = 0
+    start, cursor = 0, [0]  # cursor: prompts drawn so far (dynamic sampling draws more than P per step)
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(ckpt, model, opt)["step"]
+        state = load_checkpoint(ckpt, model, opt)
+        start = state["step"]
+        cursor = [state.get("data", {}).get("cursor", start * cfg.batch_prompts)]
         truncate_jsonl(out / "metrics.jsonl", start)
         truncate_jsonl(out / "samples.jsonl", start)
     else:
@@ -295,7 +297,6 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     order = list(range(len(task.items)))
     rng.shuffle(order)
-    cursor = [start * P]
 
     def next_items(n: int) -> list[dict[str, Any]]:
         got = [task.items[order[(cursor[0] + i) % len(order)]] for i in range(n)]
@@ -341,7 +342,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 if not cfg.dynamic_sampling:
                     break
             if not batch:  # every group was flat after all refills: nothing to learn from this step
-                append_jsonl(out / "metrics.jsonl", {"step": step + 1, "event": "all_groups_flat", "lr": lr})
+                append_jsonl(out / "metrics.jsonl", {"step": step + 1, "event": "all_groups_flat", "lr": lr,
+                                                     "prompts_drawn": cursor[0]})
                 continue
             # ---- advantages, old/ref log-probs ------------------------------------------------------------------
             model.train()
@@ -404,7 +406,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 r.expert_load.zero_()
             dt = time.perf_counter() - t0
             lens = [len(s["completion"]) for s in batch]
-            rec = {"step": step + 1, "lr": lr, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            rec = {"step": step + 1, "lr": lr, "prompts_drawn": cursor[0],
+                   "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                    "accuracy": sum(s["correct"] for s in batch) / n,
                    "format": sum(s["format_ok"] for s in batch) / n,
                    "len_mean": sum(lens) / n, "len_max": max(lens),

@@ -40,3 +40,19 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("params", "cost", "demo"):
         assert cmd in out
+
+
+def test_only_nanoseeks_own_value_errors_are_one_line_user_errors(monkeypatch, capsys):
+    import torch
+
+    from nanoseek import cli
+
+    def torch_bug(args):  # a ValueError raised inside torch: a bug to report, not bad input
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)
+
+    monkeypatch.setattr(cli, "cmd_params", torch_bug)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        cli.main(["params", "--preset", "tiny"])
+    monkeypatch.undo()  # nanoseek's own check of the input: one line, exit code 2
+    assert cli.main(["params", "--preset", "huge"]) == 2
+    assert "error: unknown preset 'huge'" in " ".join(capsys.readouterr().err.split())

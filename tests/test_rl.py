@@ -84,6 +84,20 @@ def test_resume_continues_from_checkpoint(tiny_dir, tmp_path):
     assert [r["reward_mean"] for r in again] == [r["reward_mean"] for r in ref]
 
 
+def test_resume_restores_the_prompt_cursor_under_dynamic_sampling(tiny_dir, tmp_path):
+    # an untrained model fails every problem: every group is flat, so DAPO's dynamic sampling draws P prompts and
+    # refills 3 times per step (4P); a resumed run must continue from the saved cursor, not from step * P
+    common = dict(model=str(tiny_dir), task="arithmetic", out=str(tmp_path), group_size=2, batch_prompts=2,
+                  max_new_tokens=4, eval_n=0, save_every=1, progress=False, dynamic_sampling=True)
+    rl(RLConfig(steps=3, **common))
+    ref = [json.loads(x)["prompts_drawn"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ref == [8, 16, 24]
+    (tmp_path / "latest").write_text("step_00000001\n")  # as if killed after step 1's checkpoint
+    rl(RLConfig(steps=3, resume=True, **common))
+    again = [json.loads(x)["prompts_drawn"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert again == ref
+
+
 def test_bad_input_fails_before_compute(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         RLConfig(model=str(tiny_dir), group_size=1)
