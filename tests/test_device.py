@@ -212,6 +212,13 @@ def _capture(monkeypatch, module: Any, name: str) -> None:
     monkeypatch.setattr(module, name, fake)
 
 
+def _model_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Model arguments must name a directory (or a Hub id): the stages are captured, so empty ones do."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("m", "t", "s"):
+        (tmp_path / name).mkdir(exist_ok=True)
+
+
 def _run(argv: list[str]) -> Any:
     with pytest.raises(Captured) as e:
         main(argv)
@@ -233,6 +240,7 @@ def test_train_rl_kd_sft_configs_carry_device_and_dtype(monkeypatch, tmp_path):
     assert (cfg.device, cfg.dtype) == ("cpu", "fp32")
     assert _run(["train", "--preset", "tiny"]).device is None  # None: nanoseek.device.default_device()
 
+    _model_dirs(monkeypatch, tmp_path)
     _capture(monkeypatch, nanoseek.rl, "rl")
     cfg = _run(["rl", "--model", "m", *DEV])
     assert (cfg.device, cfg.dtype) == ("cpu", "bf16")
@@ -251,7 +259,8 @@ def test_train_rl_kd_sft_configs_carry_device_and_dtype(monkeypatch, tmp_path):
     assert (cfg.device, cfg.dtype) == ("cpu", "bf16")
 
 
-def test_inference_commands_carry_device_and_dtype(monkeypatch):
+def test_inference_commands_carry_device_and_dtype(monkeypatch, tmp_path):
+    _model_dirs(monkeypatch, tmp_path)
     import nanoseek.chat
     import nanoseek.demo
     import nanoseek.eval
