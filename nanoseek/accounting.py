@@ -199,10 +199,17 @@ def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype = KV_DTYPE) -> dict[str,
 
     MLA caches the compressed latent c_kv and the shared decoupled RoPE key (V2 report section 2.1.2-2.1.3):
     kv_lora_rank + qk_rope_head_dim elements per token per layer. The MHA baseline caches per head a full key
-    (qk_nope + qk_rope) and value (v_head_dim).
+    (qk_nope + qk_rope) and value (v_head_dim). A dense MHA model (DeepSeek-LLM) caches a key and a value per KV
+    head: its MLA figures are None.
     """
     size = torch.empty(0, dtype=dtype).element_size()
     L = cfg.num_hidden_layers
+    if cfg.attention == "mha":
+        mha = 2 * cfg.kv_heads * cfg.attn_head_dim
+        return {"dtype": str(dtype).removeprefix("torch."), "bytes_per_element": size, "layers": L,
+                "mla_elements_per_token_per_layer": None, "mha_elements_per_token_per_layer": mha,
+                "mla_bytes_per_token": None, "mha_bytes_per_token": L * mha * size, "mha_over_mla": None,
+                "mtp_mla_bytes_per_token": 0}
     mla = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return {
@@ -226,7 +233,7 @@ def attention_flops_per_token(cfg: ModelConfig, context: float, layers: int | No
     trained; the absorbed decode path does different but equivalent arithmetic and is not what MFU counts).
     """
     L = cfg.num_hidden_layers if layers is None else layers
-    return 2.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context * L
+    return 2.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.value_head_dim) * context * L
 
 
 def _as_config(config: ModelConfig | Transformer | str) -> ModelConfig:
@@ -361,11 +368,15 @@ def print_params_report(report: dict[str, Any], console: Any) -> None:
                     f"({kv['bytes_per_element']} B/element)", title_justify="left")
     for col in ("cache", "elements/layer", "bytes/token", ""):
         t.add_column(col, justify="left" if col == "cache" else "right")
-    t.add_row("MLA: kv_lora_rank + qk_rope", f"{kv['mla_elements_per_token_per_layer']:,}",
-              f"{kv['mla_bytes_per_token']:,}", _bytes(kv["mla_bytes_per_token"]))
-    t.add_row("MHA: heads x (qk_head + v_head)", f"{kv['mha_elements_per_token_per_layer']:,}",
-              f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
-    t.add_row("MHA / MLA", "", f"{kv['mha_over_mla']:.1f}x", "")
+    if kv["mla_bytes_per_token"] is None:  # a dense MHA model (DeepSeek-LLM)
+        t.add_row("MHA: 2 x kv_heads x head_dim", f"{kv['mha_elements_per_token_per_layer']:,}",
+                  f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
+    else:
+        t.add_row("MLA: kv_lora_rank + qk_rope", f"{kv['mla_elements_per_token_per_layer']:,}",
+                  f"{kv['mla_bytes_per_token']:,}", _bytes(kv["mla_bytes_per_token"]))
+        t.add_row("MHA: heads x (qk_head + v_head)", f"{kv['mha_elements_per_token_per_layer']:,}",
+                  f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
+        t.add_row("MHA / MLA", "", f"{kv['mha_over_mla']:.1f}x", "")
     console.print(t)
 
     t = Table(title=f"FLOPs per token (seq_len {fl['seq_len']})", title_justify="left")

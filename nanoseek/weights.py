@@ -2,7 +2,9 @@
 
 Directory layout (docs/architecture.md): `config.json` (official keys; nanoseek's own extras under the
 `"nanoseek"` key, which transformers ignores), `model.safetensors` or shards + `model.safetensors.index.json`,
-`generation_config.json`, and the tokenizer files when a tokenizer is saved alongside. Never unpickles.
+`generation_config.json`, and the tokenizer files when a tokenizer is saved alongside. Reads `pytorch_model*.bin`
+files (DeepSeek's Janus repositories ship them) only through `torch.load(weights_only=True)`, which restores plain
+tensors and refuses any pickled code.
 
 Key mapping (nanoseek -> HF), the only non-identity parts:
   embed_tokens / layers / norm       -> model.embed_tokens / model.layers / model.norm
@@ -97,6 +99,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
+    if not index.exists() and not (path / "model.safetensors").exists() and not any(path.glob("*.safetensors")):
+        index = path / "pytorch_model.bin.index.json"  # the older layout: only through weights_only loading
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -113,13 +117,29 @@ def _shard_files(path: Path) -> list[Path]:
     found = sorted(path.glob("*.safetensors"))
     if found:
         return found
-    bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = f" (found {', '.join(bins)}: pickle files are never loaded; convert them to safetensors)" if bins else ""
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    if (path / "pytorch_model.bin").exists():
+        return [path / "pytorch_model.bin"]
+    others = sorted(p.name for p in path.glob("*.pt")) + sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (found {', '.join(others)}: only model.safetensors* or pytorch_model.bin* are read)" if others else ""
+    raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}{hint}")
+
+
+def _read_bin(f: Path) -> dict[str, torch.Tensor]:
+    try:  # weights_only: tensors, dicts and primitive types only; a pickle that asks for anything else is refused
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt or unsafe file
+        raise CheckpointError(f"{f.name} could not be read with torch.load(weights_only=True), which accepts plain "
+                              f"tensors only: {str(e).splitlines()[0]}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f.name} is not a state dict of tensors")
+    return sd
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in _shard_files(path):
+        if f.suffix == ".bin":
+            yield from _read_bin(f).items()
+            continue
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield k, fh.get_tensor(k)
