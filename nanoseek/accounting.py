@@ -552,3 +552,48 @@ def _usd(x: float) -> str:
 __all__ = ["DEFAULT_MFU", "GPU_PEAKS", "KV_DTYPE", "attention_flops_per_token", "cost_report",
            "count_params", "flops_per_token", "inference_flops_per_token", "kv_cache_bytes", "params_report",
            "print_cost_report", "print_params_report"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Janus-Pro (`nanoseek params --preset janus-pro-7b`)
+
+
+def janus_params_report(preset: str) -> dict[str, Any]:
+    """Parameters of a Janus preset per component, counted on the meta device; the LLM's own report beside."""
+    from .janus import Janus, janus_preset
+
+    cfg = janus_preset(preset)
+    with torch.device("meta"):
+        m = Janus(cfg)
+    comps = {"vision_encoder": _numel(m.vision_model), "aligner": _numel(m.aligner), "vq_model": _numel(m.vqmodel),
+             "generation_embeddings": _numel(m.generation_embeddings),
+             "generation_aligner": _numel(m.generation_aligner), "generation_head": _numel(m.generation_head),
+             "llm": _numel(m.language_model)}
+    total = sum(p.numel() for p in m.parameters())
+    if sum(comps.values()) != total:
+        raise AssertionError(f"accounting missed parameters: {sum(comps.values())} counted, {total} exist")
+    # image generation: one LLM forward and one generation-head pass per image token and row (2 rows with CFG)
+    llm = count_params(cfg.text)
+    per_token = 2.0 * (llm["matmul_params_per_token"] - cfg.text.vocab_size * cfg.text.hidden_size
+                       + comps["generation_head"] + comps["generation_aligner"])
+    return {"model": preset, "model_type": "janus", "total": total, "components": comps,
+            "image_tokens": cfg.num_image_tokens, "image_size": cfg.vision.image_size,
+            "generation_flops_per_image": 2 * cfg.num_image_tokens * per_token,
+            "llm": params_report(config=cfg.text)}
+
+
+def print_janus_report(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['model']} (Janus-Pro): parameters per component", title_justify="left")
+    for col in ("component", "parameters", "", "%"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for k, n in report["components"].items():
+        t.add_row(k, f"{n:,}", _fmt(n), f"{100 * n / report['total']:.2f}")
+    t.add_row("[bold]total[/]", f"[bold]{report['total']:,}[/]", _fmt(report["total"]), "100.00")
+    console.print(t)
+    console.print(f"image generation: {report['image_tokens']} tokens per {report['image_size']}px image, two rows "
+                  f"each (classifier-free guidance): ~{report['generation_flops_per_image']:.3g} FLOPs per image "
+                  "without attention and VQ decoding", highlight=False)
+    console.print("the LLM alone:", highlight=False)
+    print_params_report(report["llm"], console)

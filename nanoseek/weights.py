@@ -267,8 +267,9 @@ def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_file.read_text()).get("nanoseek", {}) if cfg_file.exists() else {}
 
 
-def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """Load an HF-format DeepseekV3/V2 directory (nanoseek's own or an official checkpoint) as a nanoseek model.
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """Load an HF-format DeepseekV3/V2 (or DeepSeek-LLM) directory, nanoseek's own or an official checkpoint, as a
+    nanoseek Transformer; a Janus directory (either layout) as a nanoseek.janus.Janus (nanoseek.imagine).
 
     dtype None keeps the checkpoint's floating dtype (fp32 for nanoseek's own files, bf16 for FP8 checkpoints).
     """
@@ -277,6 +278,14 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         raise CheckpointError(f"model directory {path} does not exist")
     if not (path / "config.json").exists():
         raise CheckpointError(f"no config.json in {path}: not an HF model directory")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    if model_type in ("janus", "multi_modality"):
+        from .imagine import load_janus
+
+        return load_janus(path, device, dtype)
     cfg = ModelConfig.from_hf(path / "config.json")
     hf = read_hf_state_dict(path, dtype)
     sd, unexpected = from_hf_state_dict(cfg, hf)
@@ -286,6 +295,8 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary.__init__(cfg)  # non-persistent buffers are not in the checkpoint: recompute
     model.to(device)
     model.init_weights()  # anything not in the checkpoint (fresh MTP) gets a proper init
