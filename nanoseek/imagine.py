@@ -322,11 +322,17 @@ def _save_png(image: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompts (DeepSeek's "deepseek" conversation template, system prompt empty)
+# Prompts (DeepSeek's "deepseek" conversation template: "{system}\n\n<|User|>: {text}\n\n<|Assistant|>:")
+
+# VLChatProcessor.system_prompt (janus/models/processing_vlm.py), used for understanding; generation_inference.py
+# passes an empty system prompt (and then the template writes no separator either)
+UNDERSTANDING_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
 
 
-def user_turn(text: str) -> str:
-    return f"<|User|>: {text.strip()}\n\n<|Assistant|>:"
+def user_turn(text: str, system: str = "") -> str:
+    return (f"{system}\n\n" if system else "") + f"<|User|>: {text.strip()}\n\n<|Assistant|>:"
 
 
 def generation_prompt(tokenizer: Any, cfg: JanusConfig, text: str) -> list[int]:
@@ -337,9 +343,9 @@ def generation_prompt(tokenizer: Any, cfg: JanusConfig, text: str) -> list[int]:
 
 
 def understanding_prompt(tokenizer: Any, cfg: JanusConfig, text: str) -> list[int]:
-    """BOS + "<|User|>: <image_placeholder>\\n{text}..." with the placeholder expanded to <begin_of_image>,
-    num_image_tokens image tokens and <end_of_image> (DeepSeek's VLChatProcessor.add_image_token)."""
-    ids = tokenizer.encode(user_turn(f"{IMAGE_TOKEN}\n{text}"), add_bos=True)
+    """BOS + system prompt + "<|User|>: <image_placeholder>\\n{text}..." with the placeholder expanded to
+    <begin_of_image>, num_image_tokens image tokens and <end_of_image> (DeepSeek's VLChatProcessor)."""
+    ids = tokenizer.encode(user_turn(f"{IMAGE_TOKEN}\n{text}", UNDERSTANDING_SYSTEM), add_bos=True)
     if ids.count(cfg.image_token_id) != 1:
         raise ValueError(f"the tokenizer does not encode {IMAGE_TOKEN} as one token (id {cfg.image_token_id})")
     i = ids.index(cfg.image_token_id)
@@ -390,8 +396,9 @@ def run_imagine(model_dir: str | Path, prompt: str, out: str | Path, *, n: int =
     if len(ids) + N > cfg.text.max_position_embeddings:
         raise ValueError(f"the prompt is {len(ids)} tokens; with {N} image tokens it exceeds the context "
                          f"({cfg.text.max_position_embeddings} tokens)")
-    print(f"{n} image(s) x {N} tokens, 2 rows each (classifier-free guidance, weight {cfg_weight:g}) on {device}; "
-          "a 1B model on a CPU takes minutes (docs/janus.md)", file=sys.stderr)
+    slow = "; a 1B model on a CPU takes minutes (docs/janus.md)" if str(device).startswith("cpu") else ""
+    print(f"{n} image(s) x {N} tokens, 2 rows each (classifier-free guidance, weight {cfg_weight:g}) on "
+          f"{device}{slow}", file=sys.stderr)
     t0 = time.perf_counter()
     with Progress(TextColumn("imagine"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,

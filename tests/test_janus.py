@@ -159,6 +159,29 @@ def test_dense_trunk_matches_llama_and_its_cache():
             assert (torch.cat(steps, 1) - full).abs().max() < ATOL
 
 
+def test_engine_runs_the_dense_trunk(one_torch_thread):
+    """The text engine drives the MHA cache as it drives MLA's: greedy decoding equals a no-cache loop."""
+    from nanoseek.infer import generate
+
+    torch.manual_seed(0)
+    model = build(ModelConfig.from_preset("tiny-dense", num_key_value_heads=2)).eval()
+    prompt = [0, 5, 9, 33, 7]
+    out = generate(model, prompt, 8)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt):]
+
+
+def test_prompt_formats_follow_deepseek():
+    from nanoseek.imagine import UNDERSTANDING_SYSTEM, user_turn
+
+    assert user_turn(" a red bicycle ") == "<|User|>: a red bicycle\n\n<|Assistant|>:"
+    assert user_turn("q", UNDERSTANDING_SYSTEM).startswith("You are a helpful language and vision assistant.")
+    assert user_turn("q", UNDERSTANDING_SYSTEM).endswith("natural language.\n\n<|User|>: q\n\n<|Assistant|>:")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeepSeek's original layout (MultiModalityCausalLM): the key inventory is written here from DeepSeek's code
 # (janus/models/siglip_vit.py: timm VisionTransformer, global_pool "map" -> attn_pool; vq_model.py: VQModel with
