@@ -558,11 +558,20 @@ __all__ = ["DEFAULT_MFU", "GPU_PEAKS", "KV_DTYPE", "attention_flops_per_token", 
 # Janus-Pro (`nanoseek params --preset janus-pro-7b`)
 
 
-def janus_params_report(preset: str) -> dict[str, Any]:
-    """Parameters of a Janus preset per component, counted on the meta device; the LLM's own report beside."""
+def janus_params_report(preset: str | None = None, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """Parameters of a Janus preset or directory per component, counted on the meta device; the LLM's own report
+    beside."""
     from .janus import Janus, janus_preset
 
-    cfg = janus_preset(preset)
+    if (preset is None) == (model_dir is None):
+        raise ValueError("give exactly one of preset or model_dir")
+    if preset is not None:
+        cfg = janus_preset(preset)
+    else:
+        from .imagine import janus_config
+
+        cfg = janus_config(model_dir)[0]
+        preset = str(model_dir)
     with torch.device("meta"):
         m = Janus(cfg)
     comps = {"vision_encoder": _numel(m.vision_model), "aligner": _numel(m.aligner), "vq_model": _numel(m.vqmodel),

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 
@@ -32,6 +33,10 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     if args.preset in JANUS_PRESETS:
         return _show(accounting.janus_params_report(args.preset), accounting.print_janus_report, args.json)
+    cfg_file = Path(args.model or "") / "config.json"
+    if args.model and cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") in (
+            "janus", "multi_modality"):
+        return _show(accounting.janus_params_report(model_dir=args.model), accounting.print_janus_report, args.json)
     report = accounting.params_report(preset=args.preset, model_dir=args.model)
     return _show(report, accounting.print_params_report, args.json)
 

@@ -624,3 +624,13 @@ def test_params_per_component(capsys):
 
     assert main(["params", "--preset", "janus-pro-1b"]) == 0
     assert "vision_encoder" in capsys.readouterr().out
+
+
+def test_params_of_a_janus_directory(tiny_dir, capsys):
+    from nanoseek.accounting import janus_params_report
+    from nanoseek.cli import main
+
+    r = janus_params_report(model_dir=tiny_dir)
+    assert r["total"] == sum(p.numel() for p in nanoseek.load(tiny_dir).parameters())
+    assert main(["params", "--model", str(tiny_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["components"]["llm"] == r["components"]["llm"]
