@@ -1010,6 +1010,8 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
 
     model_dir = Path(model_dir)
     model = load(model_dir)
+    if not isinstance(model, Transformer):  # a Janus directory: text in, text out through its LLM
+        model = model.language_model
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer

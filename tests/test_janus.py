@@ -584,6 +584,14 @@ def test_understand_from_the_terminal(tiny_dir, tmp_path, capsys, one_torch_thre
     assert "tokens in" in capsys.readouterr().err
 
 
+def test_text_only_generate_on_a_janus_directory(tiny_dir, capsys):
+    from nanoseek.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "a red bicycle", "--max-tokens", "3",
+                 "--temperature", "0", "--ignore-eos"]) == 0
+    assert "3 tokens in" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing_image", "image_is_dir", "corrupt_image", "cfg_below_1", "n_zero",
                                   "long_prompt"])
 def test_bad_input_one_error_line_nothing_written(tiny_dir, tmp_path, capsys, case):
