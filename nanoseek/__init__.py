@@ -7,6 +7,8 @@ Public API::
     logits = model(input_ids)                  # (B, T, vocab)
     model.save_pretrained("out/")              # HF-format directory, loadable by transformers
     model = load("out/")                       # or an official DeepSeek-V3/V2 checkpoint directory
+    janus = load("Janus-Pro-1B/")              # a Janus directory (either layout): nanoseek.janus.Janus
+    janus(input_ids, pixel_values)             # text logits; janus.image_logits(prompt_ids, image_ids)
 """
 
 __version__ = "0.1.0"

@@ -199,10 +199,17 @@ def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype = KV_DTYPE) -> dict[str,
 
     MLA caches the compressed latent c_kv and the shared decoupled RoPE key (V2 report section 2.1.2-2.1.3):
     kv_lora_rank + qk_rope_head_dim elements per token per layer. The MHA baseline caches per head a full key
-    (qk_nope + qk_rope) and value (v_head_dim).
+    (qk_nope + qk_rope) and value (v_head_dim). A dense MHA model (DeepSeek-LLM) caches a key and a value per KV
+    head: its MLA figures are None.
     """
     size = torch.empty(0, dtype=dtype).element_size()
     L = cfg.num_hidden_layers
+    if cfg.attention == "mha":
+        mha = 2 * cfg.kv_heads * cfg.attn_head_dim
+        return {"dtype": str(dtype).removeprefix("torch."), "bytes_per_element": size, "layers": L,
+                "mla_elements_per_token_per_layer": None, "mha_elements_per_token_per_layer": mha,
+                "mla_bytes_per_token": None, "mha_bytes_per_token": L * mha * size, "mha_over_mla": None,
+                "mtp_mla_bytes_per_token": 0}
     mla = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return {
@@ -226,7 +233,7 @@ def attention_flops_per_token(cfg: ModelConfig, context: float, layers: int | No
     trained; the absorbed decode path does different but equivalent arithmetic and is not what MFU counts).
     """
     L = cfg.num_hidden_layers if layers is None else layers
-    return 2.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context * L
+    return 2.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.value_head_dim) * context * L
 
 
 def _as_config(config: ModelConfig | Transformer | str) -> ModelConfig:
@@ -361,11 +368,15 @@ def print_params_report(report: dict[str, Any], console: Any) -> None:
                     f"({kv['bytes_per_element']} B/element)", title_justify="left")
     for col in ("cache", "elements/layer", "bytes/token", ""):
         t.add_column(col, justify="left" if col == "cache" else "right")
-    t.add_row("MLA: kv_lora_rank + qk_rope", f"{kv['mla_elements_per_token_per_layer']:,}",
-              f"{kv['mla_bytes_per_token']:,}", _bytes(kv["mla_bytes_per_token"]))
-    t.add_row("MHA: heads x (qk_head + v_head)", f"{kv['mha_elements_per_token_per_layer']:,}",
-              f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
-    t.add_row("MHA / MLA", "", f"{kv['mha_over_mla']:.1f}x", "")
+    if kv["mla_bytes_per_token"] is None:  # a dense MHA model (DeepSeek-LLM)
+        t.add_row("MHA: 2 x kv_heads x head_dim", f"{kv['mha_elements_per_token_per_layer']:,}",
+                  f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
+    else:
+        t.add_row("MLA: kv_lora_rank + qk_rope", f"{kv['mla_elements_per_token_per_layer']:,}",
+                  f"{kv['mla_bytes_per_token']:,}", _bytes(kv["mla_bytes_per_token"]))
+        t.add_row("MHA: heads x (qk_head + v_head)", f"{kv['mha_elements_per_token_per_layer']:,}",
+                  f"{kv['mha_bytes_per_token']:,}", _bytes(kv["mha_bytes_per_token"]))
+        t.add_row("MHA / MLA", "", f"{kv['mha_over_mla']:.1f}x", "")
     console.print(t)
 
     t = Table(title=f"FLOPs per token (seq_len {fl['seq_len']})", title_justify="left")
@@ -541,3 +552,57 @@ def _usd(x: float) -> str:
 __all__ = ["DEFAULT_MFU", "GPU_PEAKS", "KV_DTYPE", "attention_flops_per_token", "cost_report",
            "count_params", "flops_per_token", "inference_flops_per_token", "kv_cache_bytes", "params_report",
            "print_cost_report", "print_params_report"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Janus-Pro (`nanoseek params --preset janus-pro-7b`)
+
+
+def janus_params_report(preset: str | None = None, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """Parameters of a Janus preset or directory per component, counted on the meta device; the LLM's own report
+    beside."""
+    from .janus import Janus, janus_preset
+
+    if (preset is None) == (model_dir is None):
+        raise ValueError("give exactly one of preset or model_dir")
+    if preset is not None:
+        cfg = janus_preset(preset)
+    else:
+        from .imagine import janus_config
+
+        cfg = janus_config(model_dir)[0]
+        preset = str(model_dir)
+    with torch.device("meta"):
+        m = Janus(cfg)
+    comps = {"vision_encoder": _numel(m.vision_model), "aligner": _numel(m.aligner), "vq_model": _numel(m.vqmodel),
+             "generation_embeddings": _numel(m.generation_embeddings),
+             "generation_aligner": _numel(m.generation_aligner), "generation_head": _numel(m.generation_head),
+             "llm": _numel(m.language_model)}
+    total = sum(p.numel() for p in m.parameters())
+    if sum(comps.values()) != total:
+        raise AssertionError(f"accounting missed parameters: {sum(comps.values())} counted, {total} exist")
+    # image generation: one LLM forward and one generation-head pass per image token and row (2 rows with CFG)
+    llm = count_params(cfg.text)
+    per_token = 2.0 * (llm["matmul_params_per_token"] - cfg.text.vocab_size * cfg.text.hidden_size
+                       + comps["generation_head"] + comps["generation_aligner"])
+    return {"model": preset, "model_type": "janus", "total": total, "components": comps,
+            "image_tokens": cfg.num_image_tokens, "image_size": cfg.vision.image_size,
+            "generation_flops_per_image": 2 * cfg.num_image_tokens * per_token,
+            "llm": params_report(config=cfg.text)}
+
+
+def print_janus_report(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['model']} (Janus-Pro): parameters per component", title_justify="left")
+    for col in ("component", "parameters", "", "%"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for k, n in report["components"].items():
+        t.add_row(k, f"{n:,}", _fmt(n), f"{100 * n / report['total']:.2f}")
+    t.add_row("[bold]total[/]", f"[bold]{report['total']:,}[/]", _fmt(report["total"]), "100.00")
+    console.print(t)
+    console.print(f"image generation: {report['image_tokens']} tokens per {report['image_size']}px image, two rows "
+                  f"each (classifier-free guidance): ~{report['generation_flops_per_image']:.3g} FLOPs per image "
+                  "without attention and VQ decoding", highlight=False)
+    console.print("the LLM alone:", highlight=False)
+    print_params_report(report["llm"], console)

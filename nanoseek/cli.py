@@ -7,13 +7,15 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 
 
 def _model_source(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", help="a named preset (tiny, small, deepseek-v2-lite, deepseek-v2, deepseek-v3)")
+    g.add_argument("--preset", help="a named preset (tiny, small, deepseek-v2-lite, deepseek-v2, deepseek-v3, "
+                                    "deepseek-llm-7b; params also janus-pro-1b, janus-pro-7b)")
     g.add_argument("--model", help="an HF-format model directory or Hub id (only its config.json is read)")
     _revision_arg(p)
 
@@ -67,7 +69,14 @@ def _show(report: dict, printer: Callable[[dict, Console], None], as_json: bool)
 
 def cmd_params(args: argparse.Namespace) -> int:
     from . import accounting
+    from .janus import JANUS_PRESETS
 
+    if args.preset in JANUS_PRESETS:
+        return _show(accounting.janus_params_report(args.preset), accounting.print_janus_report, args.json)
+    cfg_file = Path(args.model or "") / "config.json"
+    if args.model and cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") in (
+            "janus", "multi_modality"):
+        return _show(accounting.janus_params_report(model_dir=args.model), accounting.print_janus_report, args.json)
     report = accounting.params_report(preset=args.preset, model_dir=args.model)
     return _show(report, accounting.print_params_report, args.json)
 
@@ -127,11 +136,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .infer import run_generate
 
+    if args.image is not None:  # Janus: a question about an image
+        from .imagine import run_understand
+
+        if args.prompt is None:
+            raise ValueError("--image needs --prompt (the question about the image)")
+        return run_understand(args.model, args.image, args.prompt, max_tokens=args.max_tokens,
+                              temperature=args.temperature or 0.0, seed=args.seed, device=args.device,
+                              dtype=args.dtype)
+
     ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()] if args.prompt_ids else None
     return run_generate(args.model, args.prompt, ids, max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, speculative=args.draft_tokens if args.speculative else 0,
                         chat=args.chat, ignore_eos=args.ignore_eos, compile=args.compile, dtype=args.dtype,
                         device=args.device)
+
+
+def cmd_imagine(args: argparse.Namespace) -> int:
+    from .imagine import run_imagine
+
+    run_imagine(args.model, args.prompt, args.out, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
+                seed=args.seed, device=args.device, dtype=args.dtype)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -568,7 +594,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compile the decode step: 3-5x faster per token after a one-off compile (docs/inference.md)")
     _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
     sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
+    sp.add_argument("--image", help="an image file: ask --prompt about it (Janus models)")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("imagine", help="text-to-image with a Janus-Pro model (PNGs and a grid)",
+                        description="576 image tokens per image, each from a conditional and an unconditional row "
+                                    "(classifier-free guidance), then the VQ decoder. A 1B model on a CPU takes "
+                                    "minutes per batch (docs/janus.md).")
+    sp.add_argument("prompt", help="what to draw, e.g. \"a red bicycle under a tree\"")
+    sp.add_argument("--model", required=True,
+                    help="a Janus directory (transformers' or DeepSeek's layout)" + HUB_NOTE)
+    _revision_arg(sp)
+    sp.add_argument("--n", type=int, default=4, help="images (default 4)")
+    sp.add_argument("--cfg", type=float, default=5.0, help="guidance weight, >= 1 (default 5, as Janus-Pro)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="default 1 (0 = greedy)")
+    sp.add_argument("--seed", type=int, default=None, help="same seed, same images")
+    _device_args(sp, INFER_DTYPE_HELP)
+    sp.add_argument("--out", required=True, help="output directory for image_*.png and grid.png")
+    sp.set_defaults(func=cmd_imagine)
 
     sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

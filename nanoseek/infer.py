@@ -1009,6 +1009,8 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
     model_dir = Path(model_dir)
     dev = resolve_device(device)
     model = load(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
+    if not isinstance(model, Transformer):  # a Janus directory: text in, text out through its LLM
+        model = model.language_model
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer

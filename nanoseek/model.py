@@ -1,9 +1,11 @@
-"""DeepSeek-V3 (and V2) in one file, read top to bottom.
+"""DeepSeek-V3 (and V2, and the dense DeepSeek-LLM) in one file, read top to bottom.
 
-ModelConfig -> RMSNorm / YaRN RoPE -> MLA -> MLP -> Router -> Experts -> MoE -> Block -> MTP -> Transformer.
+ModelConfig -> RMSNorm / YaRN RoPE -> MLA (or MHA) -> MLP -> Router -> Experts -> MoE -> Block -> MTP -> Transformer.
 
 References: DeepSeek-V2 report (arXiv 2405.04434) for MLA, DeepSeek-V3 report (arXiv 2412.19437) for the
-aux-loss-free router, the sequence-wise balance loss and multi-token prediction. Parameter names follow the
+aux-loss-free router, the sequence-wise balance loss and multi-token prediction. DeepSeek-LLM (arXiv 2401.02954,
+the LLM of Janus-Pro) is the same trunk with `attention="mha"` (Llama layout: MHA + RoPE + SwiGLU + RMSNorm) and
+dense MLPs everywhere (`n_routed_experts=0`): HF `model_type: llama`. Parameter names follow the
 official HF checkpoints (`q_a_proj`, `kv_a_proj_with_mqa`, ...) so that `nanoseek.weights` maps keys almost 1:1;
 the only structural difference is that routed experts are stored stacked (E, out, in) for grouped matmuls.
 Where DeepSeek's inference code and transformers differ, transformers' behaviour on the same config.json is
@@ -31,13 +33,17 @@ from torch import nn
 class ModelConfig:
     """Hyper-parameters, named like the official HF `config.json` so the JSON maps 1:1 onto this dataclass."""
 
-    model_type: str = "deepseek_v3"  # deepseek_v3 | deepseek_v2
+    model_type: str = "deepseek_v3"  # deepseek_v3 | deepseek_v2 | llama (DeepSeek-LLM, dense)
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense FFN of the first `first_k_dense_replace` layers
     moe_intermediate_size: int = 2048  # one fine-grained expert
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
+    # "mla" (V2/V3) or "mha" (DeepSeek-LLM: plain multi-head attention, one rotated key and one value per KV head)
+    attention: str = "mla"
+    num_key_value_heads: int | None = None  # mha: None = num_attention_heads (DeepSeek-LLM 7B has no GQA)
+    head_dim: int | None = None  # mha: None = hidden_size // num_attention_heads
     # MLA (V2 report section 2.1): q_lora_rank None means a plain q projection (V2-Lite)
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
@@ -88,8 +94,17 @@ class ModelConfig:
             if not cond:
                 errors.append(msg)
 
-        need(self.model_type in ("deepseek_v3", "deepseek_v2"),
-             f"model_type {self.model_type!r} is not supported (accepted: 'deepseek_v3', 'deepseek_v2')")
+        need(self.model_type in ("deepseek_v3", "deepseek_v2", "llama"),
+             f"model_type {self.model_type!r} is not supported (accepted: 'deepseek_v3', 'deepseek_v2', 'llama')")
+        need(self.attention in ("mla", "mha"),
+             f"attention {self.attention!r} is not supported (accepted: 'mla', 'mha')")
+        if self.attention == "mha":
+            kv = self.kv_heads
+            need(kv > 0 and self.num_attention_heads % kv == 0,
+                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads ({kv})")
+            need(self.attn_head_dim > 0 and self.attn_head_dim % 2 == 0,
+                 f"head_dim must be a positive even number, got {self.attn_head_dim}")
+            need(self.num_nextn_predict_layers == 0, "MTP modules need MLA blocks: set num_nextn_predict_layers=0")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -127,7 +142,25 @@ class ModelConfig:
     # derived sizes
     @property
     def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+        """Per-head query/key width: nope + rope (MLA) or head_dim (MHA)."""
+        return self.attn_head_dim if self.attention == "mha" else self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.attn_head_dim if self.attention == "mha" else self.v_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated width per head: the decoupled RoPE key (MLA) or the whole head (MHA)."""
+        return self.attn_head_dim if self.attention == "mha" else self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def has_moe(self) -> bool:
@@ -169,7 +202,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, src: dict[str, Any] | str | Path) -> ModelConfig:
-        """Read an HF `config.json` (dict, file or model directory) of DeepseekV3/DeepseekV2ForCausalLM.
+        """Read an HF `config.json` (dict, file or model directory) of DeepseekV3/DeepseekV2ForCausalLM, or of
+        LlamaForCausalLM (DeepSeek-LLM: the dense MHA trunk).
 
         Accepts both the official `rope_theta` + `rope_scaling` keys and the `rope_parameters` dict that
         transformers 5 writes.
@@ -182,8 +216,11 @@ class ModelConfig:
             src = json.loads(p.read_text())
         hf = dict(src)
         mt = hf.get("model_type")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"unsupported model_type {mt!r} in config.json (supported: deepseek_v3, deepseek_v2)")
+        if mt not in ("deepseek_v3", "deepseek_v2", "llama"):
+            raise ValueError(f"unsupported model_type {mt!r} in config.json (supported: deepseek_v3, deepseek_v2, "
+                             "llama)")
+        if mt == "llama":
+            return cls._from_llama(hf)
         if hf.get("moe_layer_freq", 1) != 1:
             raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1, as in V2/V3)")
         nkv = hf.get("num_key_value_heads")
@@ -208,7 +245,8 @@ class ModelConfig:
         out: dict[str, Any] = {"model_type": mt, "rope_theta": float(rope_theta or 10000.0),
                                "rope_scaling": rope_scaling}
         for f in fields(cls):
-            if f.name in out or f.name not in hf or hf[f.name] is None and f.name != "q_lora_rank":
+            if f.name in out or f.name not in hf or hf[f.name] is None and f.name != "q_lora_rank" \
+                    or f.name in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only (MLA: checked above)
                 continue
             out[f.name] = hf[f.name]
         if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
@@ -233,8 +271,64 @@ class ModelConfig:
             out["max_position_embeddings"] = defaults.max_position_embeddings
         return cls(**out)
 
+    @classmethod
+    def _from_llama(cls, hf: dict[str, Any]) -> ModelConfig:
+        """DeepSeek-LLM's LlamaForCausalLM config: MHA, dense SwiGLU MLPs, rotate-half RoPE, no MTP."""
+        for key, ok in (("hidden_act", "silu"), ("mlp_bias", False), ("pretraining_tp", 1)):
+            if hf.get(key, ok) not in (ok, None):
+                raise ValueError(f"{key}={hf[key]!r} is not supported for a llama config (only {ok!r})")
+        rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rp.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        kind = rp.pop("rope_type", rp.pop("type", "default"))
+        if kind not in ("default", "yarn"):
+            raise ValueError(f"rope type {kind!r} is not supported (accepted: default, yarn)")
+        rp.pop("partial_rotary_factor", None)
+        L, H = hf["num_hidden_layers"], hf["num_attention_heads"]
+        out: dict[str, Any] = dict(
+            model_type="llama", attention="mha", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=L, num_attention_heads=H,
+            num_key_value_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim"),
+            n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=L, num_nextn_predict_layers=0,
+            n_group=1, topk_group=1, q_lora_rank=None, aux_loss_alpha=0.0, rope_theta=float(theta),
+            rope_scaling={"type": kind, **rp} if kind == "yarn" else None,
+            rope_interleave=False,  # Llama rotates halves (rotate_half), not interleaved pairs
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), initializer_range=hf.get("initializer_range", 0.02),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if k in hf:
+                out[k] = hf[k]
+        if out["head_dim"] == out["hidden_size"] // H:
+            out["head_dim"] = None
+        if out["num_key_value_heads"] == H:
+            out["num_key_value_heads"] = None
+        return cls(**out)
+
+    def _to_llama(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.kv_heads,
+            "head_dim": self.attn_head_dim, "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.yarn else None,
+            "attention_bias": self.attention_bias, "mlp_bias": False, "attention_dropout": 0.0,
+            "initializer_range": self.initializer_range, "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "use_cache": True, "pretraining_tp": 1,
+        }
+
     def to_hf(self) -> dict[str, Any]:
         """The official config.json form (`rope_theta` + `rope_scaling`), readable by transformers 4 and 5."""
+        if self.model_type == "llama":
+            if self.attention != "mha" or self.has_moe or self.n_routed_experts:
+                raise ValueError("a llama config.json describes a dense MHA model (attention='mha', no experts)")
+            return self._to_llama()
+        if self.attention != "mla":
+            raise ValueError(f"{self.model_type} checkpoints use MLA: attention='mha' needs model_type='llama'")
         v3 = self.model_type == "deepseek_v3"
         d: dict[str, Any] = {
             "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
@@ -247,7 +341,8 @@ class ModelConfig:
             "pretraining_tp": 1,
         }
         for f in fields(self):
-            d[f.name] = getattr(self, f.name)
+            if f.name not in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only fields
+                d[f.name] = getattr(self, f.name)
         d["rope_scaling"] = dict(self.rope_scaling) if self.yarn else None
         d["seq_aux"] = True
         if v3:
@@ -268,6 +363,19 @@ def _preset_small_moe(**kw: Any) -> ModelConfig:
         rope_theta=10000.0, rope_scaling=None, bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     base.update(kw)
+    return ModelConfig(**base)
+
+
+def _preset_dense(**kw: Any) -> ModelConfig:
+    """DeepSeek-LLM (arXiv 2401.02954, section 2.2): the Llama layout, MHA, dense SwiGLU, vocab 102,400."""
+    base = dict(
+        model_type="llama", attention="mha", vocab_size=102400, n_routed_experts=0, n_shared_experts=0,
+        num_nextn_predict_layers=0, n_group=1, topk_group=1, q_lora_rank=None, aux_loss_alpha=0.0,
+        rope_theta=10000.0, rope_scaling=None, rope_interleave=False, rms_norm_eps=1e-6,
+        bos_token_id=100000, eos_token_id=100001, pad_token_id=None,
+    )
+    base.update(kw)
+    base["first_k_dense_replace"] = base["num_hidden_layers"]
     return ModelConfig(**base)
 
 
@@ -310,6 +418,18 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # aux_loss_alpha: the released config.json says 0.001; the V3 report's pretraining used 0.0001
     "deepseek-v3": ModelConfig(aux_loss_alpha=0.001),
+    # the dense trunk (attention="mha"): a test size, then DeepSeek-LLM 7B (its HF config.json, model_type llama)
+    # and the LLMs of Janus-Pro-1B / -7B (language_config of deepseek-ai/Janus-Pro-1B / -7B: same widths, a 16K
+    # context; Janus-Pro-1B's LLM is the 24-layer, 2048-wide one of DeepSeek-VL-1.3B)
+    "tiny-dense": _preset_dense(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=1024, bos_token_id=0,
+                                eos_token_id=1, pad_token_id=2),
+    "deepseek-llm-7b": _preset_dense(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                                     num_attention_heads=32, max_position_embeddings=4096),
+    "janus-pro-1b-llm": _preset_dense(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                                      num_attention_heads=16, max_position_embeddings=16384),
+    "janus-pro-7b-llm": _preset_dense(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                                      num_attention_heads=32, max_position_embeddings=16384),
 }
 
 
@@ -335,14 +455,15 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of the decoupled RoPE key (qk_rope_head_dim) and the cos/sin attention factor.
+    """Inverse frequencies of the rotated width (MLA: the decoupled RoPE key, qk_rope_head_dim; MHA: the whole
+    head) and the cos/sin attention factor.
 
     YaRN (Peng et al. 2023, eq. 19-20 / DeepSeek-V2 appendix): dims that rotate fewer than `beta_slow` times over
     the original context are interpolated by `factor`, those faster than `beta_fast` are kept, with a linear ramp
     between. Applied whenever rope_scaling says yarn (transformers' rule; DeepSeek's code only when the run's
     max_seq_len exceeds the original context).
     """
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    dim, base = cfg.rope_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     rs = cfg.yarn
     if rs is None:
@@ -477,8 +598,46 @@ class MLA(nn.Module):
         return torch.einsum("bthc,hvc->bthv", o_c, w_uv)  # (B, T, H, v)
 
 
+class MHA(nn.Module):
+    """Multi-head attention of DeepSeek-LLM (arXiv 2401.02954 section 2.2, the Llama layout): per head a query, a
+    key and a value of head_dim, RoPE over the whole head (rotate-half), o_proj back to the model width.
+    num_key_value_heads < num_attention_heads shares each key/value head among a group of query heads (GQA)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.attn_head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.attention_bias)
+        self.scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.cfg.rope_interleave)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, self.cfg.rope_interleave)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if cache is not None:  # the classic cache: rotated keys and values of every KV head, (B, S, n_kv * hd)
+            k, v = (t.view(B, t.shape[1], self.n_kv, self.head_dim) for t in cache.write(layer_idx, k.flatten(2),
+                                                                                        v.flatten(2)))
+        if self.n_kv != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=2) for t in (k, v))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, hd)
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
 class KVCache:
     """The absorbed-MLA cache: per layer and token only c_kv (kv_lora_rank) and the rotated k_pe (qk_rope_head_dim).
+    With attention="mha" (DeepSeek-LLM) the same two per-token slots hold the classic MHA cache instead: the rotated
+    keys (`c_kv`, num_key_value_heads x head_dim) and the values (`k_pe`, same width); everything else (rows, slots,
+    masks, positions) is shared, so the engine and Janus' image sampler drive both alike.
 
     Rows are independent sequences that may have different lengths (continuous batching): new tokens of row b go
     to slots lengths[b]..; `valid` marks real (non-padding) slots. Preallocated: (layers, B, max_len, C + R).
@@ -491,8 +650,10 @@ class KVCache:
         n_layers = cfg.num_nextn_predict_layers if mtp else cfg.num_hidden_layers
         self.layer_offset = cfg.num_hidden_layers if mtp else 0
         self.max_len, self.batch_size = max_len, batch_size
-        self.c_kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.k_pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        first, second = (cfg.kv_lora_rank, cfg.qk_rope_head_dim) if cfg.attention == "mla" else \
+            (cfg.kv_heads * cfg.attn_head_dim,) * 2
+        self.c_kv = torch.zeros(n_layers, batch_size, max_len, first, device=device, dtype=dtype)
+        self.k_pe = torch.zeros(n_layers, batch_size, max_len, second, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots used per row
         self.absorb = absorb  # None: absorbed for decode steps (T == 1), decompressed SDPA for prefill chunks
@@ -543,7 +704,8 @@ class KVCache:
         self.valid[rows] = False
 
     def bytes_per_token(self) -> int:
-        """Cache bytes per token across all layers: (kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
+        """Cache bytes per token across all layers: (kv_lora_rank + qk_rope_head_dim) x layers x dtype size (MLA),
+        2 x num_key_value_heads x head_dim x layers x dtype size (MHA)."""
         n_layers = self.c_kv.shape[0]
         return n_layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.element_size()
 
@@ -777,7 +939,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn: MLA | MHA = MHA(cfg) if cfg.attention == "mha" else MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -894,21 +1056,27 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
 
-    def trunk(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+    def trunk(self, input_ids: torch.Tensor | None, *, position_ids: torch.Tensor | None = None,
               attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-              cache: KVCache | None = None, want_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Main model without the head: (final normed hidden, summed balance loss or None)."""
-        B, T = input_ids.shape
+              cache: KVCache | None = None, want_balance: bool = False,
+              inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main model without the head: (final normed hidden, summed balance loss or None).
+
+        inputs_embeds (B, T, D) replaces the embedding lookup (Janus: image features and image-token embeddings
+        in the sequence); give it or input_ids.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        device = x.device
         if cache is not None:
             if position_ids is None:
                 position_ids = cache.next_positions(attention_mask, T)
             mask = cache.begin(T, attention_mask)
         else:
             if position_ids is None:
-                position_ids = self._positions(T, attention_mask, document_ids, input_ids.device)
-            mask = self._mask(T, attention_mask, document_ids, input_ids.device)
+                position_ids = self._positions(T, attention_mask, document_ids, device)
+            mask = self._mask(T, attention_mask, document_ids, device)
         rope = self.rotary(position_ids.expand(B, T))
-        x = self.embed_tokens(input_ids)
         balance = None
         for layer in self.layers:
             x, bal = layer(x, rope, mask, cache, want_balance)

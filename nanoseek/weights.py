@@ -2,7 +2,9 @@
 
 Directory layout (docs/architecture.md): `config.json` (official keys; nanoseek's own extras under the
 `"nanoseek"` key, which transformers ignores), `model.safetensors` or shards + `model.safetensors.index.json`,
-`generation_config.json`, and the tokenizer files when a tokenizer is saved alongside. Never unpickles.
+`generation_config.json`, and the tokenizer files when a tokenizer is saved alongside. Reads `pytorch_model*.bin`
+files (DeepSeek's Janus repositories ship them) only through `torch.load(weights_only=True)`, which restores plain
+tensors and refuses any pickled code.
 
 Key mapping (nanoseek -> HF), the only non-identity parts:
   embed_tokens / layers / norm       -> model.embed_tokens / model.layers / model.norm
@@ -97,6 +99,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
+    if not index.exists() and not (path / "model.safetensors").exists() and not any(path.glob("*.safetensors")):
+        index = path / "pytorch_model.bin.index.json"  # the older layout: only through weights_only loading
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -113,13 +117,29 @@ def _shard_files(path: Path) -> list[Path]:
     found = sorted(path.glob("*.safetensors"))
     if found:
         return found
-    bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = f" (found {', '.join(bins)}: pickle files are never loaded; convert them to safetensors)" if bins else ""
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    if (path / "pytorch_model.bin").exists():
+        return [path / "pytorch_model.bin"]
+    others = sorted(p.name for p in path.glob("*.pt")) + sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (found {', '.join(others)}: only model.safetensors* or pytorch_model.bin* are read)" if others else ""
+    raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}{hint}")
+
+
+def _read_bin(f: Path) -> dict[str, torch.Tensor]:
+    try:  # weights_only: tensors, dicts and primitive types only; a pickle that asks for anything else is refused
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt or unsafe file
+        raise CheckpointError(f"{f.name} could not be read with torch.load(weights_only=True), which accepts plain "
+                              f"tensors only: {str(e).splitlines()[0]}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f.name} is not a state dict of tensors")
+    return sd
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in _shard_files(path):
+        if f.suffix == ".bin":
+            yield from _read_bin(f).items()
+            continue
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield k, fh.get_tensor(k)
@@ -248,10 +268,11 @@ def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
-         revision: str | None = None) -> Transformer:
-    """Load an HF-format DeepseekV3/V2 directory (nanoseek's own or an official checkpoint) as a nanoseek model.
-    `path` may also be a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`, at `revision`): nanoseek.hub fetches
-    it into the shared cache once.
+         revision: str | None = None) -> Any:
+    """Load an HF-format DeepseekV3/V2 (or DeepSeek-LLM) directory, nanoseek's own or an official checkpoint, as a
+    nanoseek Transformer; a Janus directory (either layout) as a nanoseek.janus.Janus (nanoseek.imagine). `path`
+    may also be a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`, at `revision`): nanoseek.hub fetches it into
+    the shared cache once.
 
     device None: nanoseek.device.default_device() (CUDA if available, else CPU). Tensors are read on the host and
     copied into the model's storage on `device`. dtype None keeps the checkpoint's floating dtype (fp32 for
@@ -270,6 +291,14 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         raise CheckpointError(f"model directory {path} does not exist")
     if not (path / "config.json").exists():
         raise CheckpointError(f"no config.json in {path}: not an HF model directory")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    if model_type in ("janus", "multi_modality"):
+        from .imagine import load_janus
+
+        return load_janus(path, device, dtype)
     cfg = ModelConfig.from_hf(path / "config.json")
     hf = read_hf_state_dict(path, dtype)
     sd, unexpected = from_hf_state_dict(cfg, hf)
@@ -281,6 +310,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     # allocated on `device` directly in `dtype` (the router bias stays fp32: Router._apply): loading a bf16 model
     # onto a GPU never holds an fp32 copy there; the checkpoint's tensors are cast by copy_
     model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary.__init__(cfg)  # non-persistent buffers are not in the checkpoint: recompute
     model.to(device)
     model.init_weights()  # anything not in the checkpoint (fresh MTP) gets a proper init

@@ -303,9 +303,18 @@ def test_config_errors_and_round_trips(tmp_path):
         ModelConfig.from_dict({"hiden_size": 3})
     with pytest.raises(ValueError, match="n_group"):
         replace(TINY, n_group=3)
-    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
-        ModelConfig.from_hf({"model_type": "llama"})
-    for cfg in (TINY, V2_STYLE, PRESETS["deepseek-v3"], PRESETS["deepseek-v2"], PRESETS["deepseek-v2-lite"]):
+    with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+        ModelConfig.from_hf({"model_type": "mistral"})
+    # llama is DeepSeek-LLM's dense MHA trunk (tests/test_janus.py compares it with transformers' LlamaForCausalLM)
+    assert ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                                "num_hidden_layers": 2, "num_attention_heads": 4}).attention == "mha"
+    with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
+        ModelConfig.from_hf({**PRESETS["tiny-dense"].to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_preset("tiny-dense", num_key_value_heads=3)
+    for cfg in (TINY, V2_STYLE, PRESETS["deepseek-v3"], PRESETS["deepseek-v2"], PRESETS["deepseek-v2-lite"],
+                PRESETS["tiny-dense"], PRESETS["deepseek-llm-7b"],
+                replace(PRESETS["tiny-dense"], num_key_value_heads=2)):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     # transformers 5 writes rope_parameters instead of rope_theta + rope_scaling

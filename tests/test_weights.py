@@ -159,14 +159,27 @@ def test_errors_name_the_problem(tmp_path, case):
     elif case == "pickle_only":
         f.unlink()
         (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
-        match = "pickle files are never loaded"
+        match = r"pytorch_model.bin could not be read with torch.load\(weights_only=True\)"
     elif case == "model_type":
         cfg = json.loads((tmp_path / "config.json").read_text())
-        cfg["model_type"] = "llama"
+        cfg["model_type"] = "mistral"
         (tmp_path / "config.json").write_text(json.dumps(cfg))
-        match = "unsupported model_type 'llama'"
+        match = "unsupported model_type 'mistral'"
     elif case == "no_config":
         (tmp_path / "config.json").unlink()
         match = "no config.json"
     with pytest.raises((CheckpointError, ValueError), match=match):
         load(tmp_path)
+
+
+def test_tied_head_stays_tied_on_load(tmp_path):
+    """to_empty() replaces each module's parameters: a tied head must be tied again (it was silently random)."""
+    from nanoseek import ModelConfig
+
+    model = build(ModelConfig.from_preset("tiny-dense", tie_word_embeddings=True))
+    model.save_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    x = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
