@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sp.set_defaults(func=cmd_params)
 
-    sp = sub.add_parser("cost", help="training cost in GPU-hours and dollars")
+    sp = sub.add_parser("cost", help="GPU-hours and dollars from given inputs (rate or MFU, extra hours, $/GPU-hour)")
     _model_source(sp)
     sp.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 14.8e12")
     sp.add_argument("--gpu", default="h800", help="GPU type (h800, h100, a100, h200)")

@@ -216,7 +216,7 @@ def write_report(root: Path, plan: Any) -> Path:
                   f"{v3['total_gpu_hours']:,.2f} H800 GPU-hours (${v3['total_cost_usd']:,.2f}) at 40% MFU; "
                   f"the real run, 14.8T tokens, took {full['total_gpu_hours'] / 1e3:,.0f}K GPU-hours "
                   f"(${full['total_cost_usd'] / 1e6:.3f}M), "
-                  "as `nanoseek cost` reproduces from the V3 report.", ""]
+                  "the report's own figure (`nanoseek cost` given the report's rate, extra hours and price).", ""]
 
     lines += ["## Talk to the models", "", "```bash",
               f"nanoseek chat --model {root / 'models' / 'rl'}",
