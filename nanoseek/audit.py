@@ -1263,6 +1263,30 @@ def judge_agreement(samples: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
             "confusion_rules_x_judge": conf}
 
 
+def classifier_error() -> dict[str, Any] | None:
+    """The rule classifier's error as last measured on a frozen test set (validation/classifier-error.json, written
+    by `nanoseek audit --validate --store-error`), or None before any such measurement."""
+    from .audit_validation import load_error_summary
+
+    return load_error_summary()
+
+
+def instrument_error(r: dict[str, Any], lang: str, measured: dict[str, Any] | None) -> dict[str, float] | None:
+    """How far a withheld rate may be off because the classifier is: the rate corrected for the classifier's
+    withheld recall R and false-positive rate F measured on the frozen test set (Rogan & Gladen 1978:
+    (p - F) / (R - F), clipped to [0, 1]), and the distance between the two in percentage points. A simple,
+    honest reading aid, not a correction to apply: R and F come from a test set of ~60 answers per language with
+    balanced labels, not from this run's answers."""
+    if measured is None or not r.get("n") or math.isnan(r["p"]):
+        return None
+    m = measured.get("withheld", {}).get(lang) or measured.get("withheld", {}).get("all")
+    if not m or m.get("recall") is None or m.get("fpr") is None or m["recall"] - m["fpr"] <= 0:
+        return None
+    corrected = min(1.0, max(0.0, (r["p"] - m["fpr"]) / (m["recall"] - m["fpr"])))
+    return {"corrected": corrected, "error_pp": 100 * abs(corrected - r["p"]), "recall": m["recall"],
+            "fpr": m["fpr"], "precision": m.get("precision")}
+
+
 def build_report(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """report.json / report.md / report.png for a run directory (also usable on a finished or partial run)."""
     d = Path(run_dir)
@@ -1284,6 +1308,10 @@ def build_report(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
                 lg: diff_ci(stats[(kind, cat)][lg]["withheld"], ctrl[lg]["withheld"])
                 for lg in cols if stats[(kind, cat)][lg]["samples"] and ctrl[lg]["samples"]}})
     outcomes = prompt_outcomes(samples)
+    measured = classifier_error()
+    for r in rows:
+        for lg in cols:
+            r["by_lang"][lg]["withheld"]["instrument"] = instrument_error(r["by_lang"][lg]["withheld"], lg, measured)
     report = {
         "run": meta, "labels": list(LABELS), "withheld_labels": list(WITHHELD), "columns": cols,
         "answers": len(samples), "errors": sum(s["label"] == "error" for s in samples),
@@ -1294,6 +1322,7 @@ def build_report(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
         "prompt_majority": {k: Counter(o["majority"] for o in outcomes.values() if o["kind"] == k)
                             for k in KINDS if any(o["kind"] == k for o in outcomes.values())},
         "judge_agreement": judge_agreement(samples), "examples": _examples(samples),
+        "classifier_error": measured,
     }
     if write:
         (d / REPORT_JSON).write_text(json.dumps(report, indent=1, ensure_ascii=False, default=_nan_safe) + "\n")
@@ -1310,6 +1339,31 @@ def _pct(r: dict[str, Any] | None, ci: bool = True) -> str:
     if not r or not r.get("n") or math.isnan(r["p"]):
         return "–"
     return f"{100 * r['p']:.0f} [{100 * r['lo']:.0f}–{100 * r['hi']:.0f}]" if ci else f"{100 * r['p']:.0f}"
+
+
+def _instr(g: dict[str, Any]) -> str:
+    e = g["withheld"].get("instrument")
+    return f" ±{e['error_pp']:.0f}" if e else ""
+
+
+def _instrument_note(m: dict[str, Any] | None, cols: Sequence[str]) -> str:
+    """What the ± after each rate is, with the classifier's measured error it comes from."""
+    if not m:
+        return ("The rule classifier has not been measured on a frozen test set yet (`nanoseek audit --validate`): "
+                "the rates carry no instrument error.")
+    w = m.get("withheld", {})
+    per = "; ".join(f"{c} recall {w[c]['recall']:.2f}, false positives {w[c]['fpr']:.2f}, precision "
+                    f"{w[c]['precision']:.2f}" for c in cols if c in w and w[c].get("recall") is not None)
+    classes = ", ".join(f"{lab} P {v['precision']:.2f} R {v['recall']:.2f}"
+                        for lab, v in m.get("per_class", {}).items())
+    where = f"{', '.join(m.get('set', []))} ({m.get('n')} hand-labelled answers"
+    where += f", rules of commit {m['commit']})" if m.get("commit") else ")"
+    return ("± after a rate: the instrument's error, in percentage points: how far the rate moves when corrected "
+            "for the rule classifier's withheld-vs-not recall and false-positive rate, measured on the frozen test "
+            f"set {where}, macro-F1 {m.get('macro_f1', float('nan')):.2f}: {per}. Per label: {classes}. A "
+            "difference between two rates (two languages, or sensitive vs control) smaller than their ± is within "
+            "the instrument's error, whatever its confidence interval says. Measured on ~60 answers per language "
+            "with balanced labels: a guide, not a correction.")
 
 
 def _pp(d: dict[str, float] | None) -> str:
@@ -1343,7 +1397,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
         f"| group | {head} |", "|---" * (len(cols) + 1) + "|",
     ]
     for r in rep["rows"]:
-        lines.append(f"| {r['name']} | " + " | ".join(_pct(r["by_lang"][c]["withheld"]) for c in cols) + " |")
+        lines.append(f"| {r['name']} | " + " | ".join(_pct(r["by_lang"][c]["withheld"]) + _instr(r["by_lang"][c])
+                                                    for c in cols) + " |")
+    lines += ["", _instrument_note(rep.get("classifier_error"), cols)]
     if rep["diff_vs_control"]:
         lines += ["", "## Sensitive minus matched history control, percentage points [95% CI]", "",
                   f"| category | {head} |", "|---" * (len(cols) + 1) + "|"]
@@ -1542,7 +1598,7 @@ def command(args: argparse.Namespace) -> int:
     if getattr(args, "validate", None) is not None:
         from .audit_validation import command as validate_command
 
-        return validate_command(args.validate, args.json, console)
+        return validate_command(args.validate, args.json, console, store_error=args.store_error)
     if not args.out:
         raise AuditError("--out is required (the run directory)")
     if args.compare:

@@ -193,8 +193,10 @@ def error_summary(res: dict[str, Any], commit: str | None = None) -> dict[str, A
         tp = sum(g in WITHHELD and p in WITHHELD for g, p in pairs)
         fp = sum(g not in WITHHELD and p in WITHHELD for g, p in pairs)
         fn = sum(g in WITHHELD and p not in WITHHELD for g, p in pairs)
+        tn = len(pairs) - tp - fp - fn
         return {"precision": tp / (tp + fp) if tp + fp else math.nan,
-                "recall": tp / (tp + fn) if tp + fn else math.nan, "n": len(pairs)}
+                "recall": tp / (tp + fn) if tp + fn else math.nan,
+                "fpr": fp / (fp + tn) if fp + tn else math.nan, "n": len(pairs)}
 
     pairs_by_lang: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for row in res["rows"]:
@@ -227,10 +229,30 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def command(files: Sequence[str] | None, json_out: str | None, console: Any) -> int:
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def command(files: Sequence[str] | None, json_out: str | None, console: Any, *, store_error: bool = False) -> int:
+    """`nanoseek audit --validate [FILE ...] [--json OUT] [--store-error]`."""
+    from .audit import AuditError
+
+    if store_error and files and [Path(f).resolve() for f in files] != [suite_path(FROZEN_TEST).resolve()]:
+        raise AuditError("--store-error records the frozen test set's score only: run it without FILE")
     res = validate(files or None)
     console.print(format_validation(res), highlight=False, markup=False, soft_wrap=True)
     if json_out:
         atomic_write_json(json_out, _finite(res), ensure_ascii=False)
         console.print(f"-> {json_out}", highlight=False, markup=False)
+    if store_error:
+        # the reports read it: every withheld rate then states the instrument's error (audit.instrument_error)
+        atomic_write_json(suite_path(CLASSIFIER_ERROR), _finite(error_summary(res, _git_commit())), ensure_ascii=False)
+        console.print(f"-> {suite_path(CLASSIFIER_ERROR)}", highlight=False, markup=False)
     return 0

@@ -424,6 +424,9 @@ def _add_audit_command(sub: argparse._SubParsersAction) -> None:
                     help="score the rule classifier on labelled answers (default: the frozen test set, "
                          "nanoseek/audit_suite/validation/test-round2.jsonl); no model is asked")
     sp.add_argument("--json", default=None, metavar="OUT", help="with --validate: also write the score to OUT")
+    sp.add_argument("--store-error", action="store_true",
+                    help="with --validate of the frozen test set: store its score in the package, where every "
+                         "report reads the classifier's measured error")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--out", default=None, help="output directory (required unless --validate)")
     sp.set_defaults(func=cmd_audit)

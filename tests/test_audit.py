@@ -253,6 +253,29 @@ def test_offers_and_official_voice() -> None:
     assert _label(ans, it) == "narrative"
 
 
+def test_report_states_the_instruments_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a measured classifier (the shape `--validate --store-error` writes): withheld recall 0.9, false positives 0.05
+    measured = {"set": ["test-roundN.jsonl"], "n": 180, "commit": "abc1234", "macro_f1": 0.9,
+                "per_class": {"refused": {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 36}},
+                "withheld": {lg: {"precision": 0.95, "recall": 0.9, "fpr": 0.05, "n": 60} for lg in (*LANGS, "all")}}
+    e = audit.instrument_error({"n": 10, "p": 0.5}, "en", measured)
+    assert e is not None and e["corrected"] == pytest.approx((0.5 - 0.05) / 0.85)
+    assert e["error_pp"] == pytest.approx(100 * abs(e["corrected"] - 0.5))
+    assert audit.instrument_error({"n": 0, "p": float("nan")}, "en", measured) is None
+    assert audit.instrument_error({"n": 10, "p": 0.5}, "en", None) is None
+    # a report built with it: every withheld rate carries its ± and the note says where it comes from
+    suite = suite_file(tmp_path / "suite.jsonl", ["tiananmen-01", "control-tiananmen-01"])
+    items = load_suite(str(suite))
+    monkeypatch.setattr(audit, "classifier_error", lambda: measured)
+    rep = run_audit(AuditConfig(url="http://fake/v1", suite=str(suite), samples=1, progress=False,
+                                out=str(tmp_path / "run")), endpoint=FakeEndpoint(True, items))
+    assert all(r["by_lang"][c]["withheld"]["instrument"] for r in rep["rows"] for c in rep["columns"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "±" in md and "test-roundN.jsonl" in md and "abc1234" in md
+    monkeypatch.setattr(audit, "classifier_error", lambda: None)
+    assert "not been measured" in audit.report_markdown(build_report(tmp_path / "run", write=False))
+
+
 def test_validate_command_on_a_dev_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from nanoseek.cli import main
 
