@@ -499,8 +499,15 @@ def _add_audit_command(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--report-only", action="store_true", help="rebuild the report of --out without asking")
     sp.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                     help="compare two audit directories (McNemar, Holm); writes compare.{md,json,png} to --out")
+    sp.add_argument("--validate", nargs="*", metavar="FILE", default=None,
+                    help="score the rule classifier on labelled answers (default: the frozen test set, "
+                         "nanoseek/audit_suite/validation/test-round2.jsonl); no model is asked")
+    sp.add_argument("--json", default=None, metavar="OUT", help="with --validate: also write the score to OUT")
+    sp.add_argument("--store-error", action="store_true",
+                    help="with --validate of the frozen test set: store its score in the package, where every "
+                         "report reads the classifier's measured error")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--out", default=None, help="output directory (required unless --validate)")
     sp.set_defaults(func=cmd_audit)
 
 
