@@ -3,9 +3,9 @@
 Read top to bottom (the reasoning split, `<think>...</think>` -> reasoning_content / content as vLLM's deepseek_r1
 parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> request parsing (every parameter
 checked, unsupported ones rejected naming the `param`) -> the engine thread (one thread runs Engine.step() in a
-loop; each HTTP request waits on its own asyncio queue) -> Prometheus metrics -> the FastAPI app (chat
-completions, completions, models, health, metrics, the static web page) -> serve() and a background server for
-tests. docs/serving.md has the API details and the design notes.
+loop; each HTTP request waits on its own asyncio queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app
+(chat completions, completions, models, health, metrics, the static web page) -> serve() and a background server
+for tests. docs/serving.md has the API details and the design notes.
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.exceptions import HTTPException
 
 from .infer import Engine, RequestOutput, SamplingParams
@@ -378,9 +381,9 @@ class EngineWorker:
                         m.itl.observe(gap)
                 self.last[rid] = now
             if out.finished:
-                m.finished[out.finish_reason or "unknown"] = m.finished.get(out.finish_reason or "unknown", 0) + 1
-                m.prompt_tokens += out.prompt_tokens
-                m.generation_tokens += out.completion_tokens
+                m.finished.labels(finish_reason=out.finish_reason or "unknown").inc()
+                m.prompt_tokens.inc(out.prompt_tokens)
+                m.generation_tokens.inc(out.completion_tokens)
                 m.e2e.observe(now - self.started[rid])
                 del self.queues[rid], self.started[rid]
                 self.last.pop(rid, None)
@@ -394,70 +397,50 @@ class EngineWorker:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prometheus metrics (text exposition format, no client library)
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
-        self.name, self.help, self.buckets = name, help, list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, v: float) -> None:
-        self.sum += v
-        self.count += 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
-                  f"{self.name}_count {self.count}"]
-        return lines
+# Prometheus metrics
 
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-@dataclass
 class Metrics:
-    """Updated on the event loop only (the worker hands outputs over there), so no lock."""
+    """One server's metrics, in a registry of its own: several servers in one process (the tests) do not collide,
+    and each /metrics shows its own. Updated on the event loop (the worker hands its outputs over there)."""
 
-    ttft: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_time_to_first_token_seconds", "Time from arrival to the first generated token.", _LATENCY))
-    itl: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_time_per_output_token_seconds", "Time between output tokens of a sequence.", _LATENCY))
-    e2e: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_e2e_request_latency_seconds", "Time from arrival to the last token of a sequence.", _LATENCY))
-    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> sequences
-    http: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, status) -> responses
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.finished = Counter("nanoseek_requests_total", "Finished sequences (one per choice), by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.http = Counter("nanoseek_http_requests_total", "HTTP responses of the API, by path and status.",
+                            ["path", "code"], registry=r)
+        self.prompt_tokens = Counter("nanoseek_prompt_tokens_total", "Prompt tokens of finished sequences.",
+                                     registry=r)
+        self.generation_tokens = Counter("nanoseek_generation_tokens_total",
+                                         "Generated tokens of finished sequences.", registry=r)
+        self.ttft = Histogram("nanoseek_time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.", buckets=_LATENCY, registry=r)
+        self.itl = Histogram("nanoseek_time_per_output_token_seconds", "Time between output tokens of a sequence.",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("nanoseek_e2e_request_latency_seconds",
+                             "Time from arrival to the last token of a sequence.", buckets=_LATENCY, registry=r)
 
-    def render(self, worker: EngineWorker) -> str:
-        running = len(worker.engine.rows)  # a len() of the engine thread's list: atomic under the GIL
-        waiting = max(0, worker.in_flight - running)
-        lines = ["# HELP nanoseek_requests_total Finished sequences (one per choice), by finish reason.",
-                 "# TYPE nanoseek_requests_total counter"]
-        lines += [f'nanoseek_requests_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.finished.items())]
-        lines += ["# HELP nanoseek_http_requests_total HTTP responses of the API, by path and status.",
-                  "# TYPE nanoseek_http_requests_total counter"]
-        lines += [f'nanoseek_http_requests_total{{path="{p}",code="{s}"}} {v}'
-                  for (p, s), v in sorted(self.http.items())]
-        for name, help, kind, value in (
-                ("nanoseek_prompt_tokens_total", "Prompt tokens of finished sequences.", "counter",
-                 self.prompt_tokens),
-                ("nanoseek_generation_tokens_total", "Generated tokens of finished sequences.", "counter",
-                 self.generation_tokens),
-                ("nanoseek_requests_running", "Sequences in the running batch.", "gauge", running),
-                ("nanoseek_requests_waiting", "Sequences queued for a batch slot (queue depth).", "gauge", waiting),
-                ("nanoseek_engine_steps_total", "Engine scheduling steps.", "counter", worker.engine.stats.steps)):
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        for h in (self.ttft, self.itl, self.e2e):
-            lines += h.render()
-        return "\n".join(lines) + "\n"
+    def watch(self, worker: EngineWorker) -> None:
+        self.registry.register(_EngineState(worker))
+
+
+class _EngineState:
+    """A custom collector: the batch, the queue and the engine's own step count, read when scraped."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        running = len(self.worker.engine.rows)  # a len() of the engine thread's list: atomic under the GIL
+        yield GaugeMetricFamily("nanoseek_requests_running", "Sequences in the running batch.", value=running)
+        yield GaugeMetricFamily("nanoseek_requests_waiting", "Sequences queued for a batch slot (queue depth).",
+                                value=max(0, self.worker.in_flight - running))
+        yield CounterMetricFamily("nanoseek_engine_steps", "Engine scheduling steps.",
+                                  value=self.worker.engine.stats.steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,6 +486,7 @@ class Server:
         self.defaults = generation_defaults or {}
         self.metrics = Metrics()
         self.worker = EngineWorker(engine, self.metrics)
+        self.metrics.watch(self.worker)
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -826,8 +810,10 @@ class Server:
             return JSONResponse({"status": "ok"})
 
         @app.get("/metrics")
-        async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(self.metrics.render(self.worker), media_type="text/plain; version=0.0.4")
+        async def metrics(request: Request) -> Response:
+            # the library's content negotiation: OpenMetrics for a scraper that asks for it, else the text format
+            encode, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(encode(self.metrics.registry), media_type=content_type)
 
         web = resources.files("nanoseek.web")
         static = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -935,8 +921,7 @@ class _CountResponses:
 
         async def counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                key = (path, message["status"])
-                self.metrics.http[key] = self.metrics.http.get(key, 0) + 1
+                self.metrics.http.labels(path=path, code=str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)

@@ -23,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoseek import build, synthetic
 from nanoseek.data import train_tokenizer
@@ -406,7 +407,9 @@ def test_metrics_and_page(server, client: openai.OpenAI) -> None:
                  "nanoseek_time_per_output_token_seconds_count", "nanoseek_e2e_request_latency_seconds_sum"):
         assert name in text
     assert int(re.search(r'nanoseek_requests_total\{finish_reason="stop"\} (\d+)', text).group(1)) >= 1
-    assert re.search(r'nanoseek_http_requests_total\{path="/v1/chat/completions",code="400"\} \d+', text)
+    # parsed, not matched: the order of the labels is prometheus_client's choice
+    assert any(s.name == "nanoseek_http_requests_total" and s.labels == {"path": "/v1/chat/completions", "code": "400"}
+               and s.value >= 1 for family in text_string_to_metric_families(text) for s in family.samples)
     with urllib.request.urlopen(url + "/") as r:
         page = r.read().decode()
     assert "/static/app.js" in page and "/static/style.css" in page
