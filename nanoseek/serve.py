@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -577,7 +576,7 @@ class Server:
                            f"{sp.max_tokens} in the completion). Please reduce the length of the {where} or "
                            "completion.", "context_length_exceeded")
 
-    def _submit(self, req: GenerationRequest, base: str) -> _Submission:
+    def _submit(self, req: GenerationRequest, base: str, request: Request) -> _Submission:
         w = self.worker
         if not w.alive:
             raise APIError(503, "The engine is not running; the server cannot generate.", "server_error",
@@ -595,6 +594,7 @@ class Server:
         except ValueError as e:  # the engine's own checks; take back what was already queued
             sub.abort()
             raise _bad(None, str(e)) from e
+        sub.watch(request)
         return sub
 
     # ---- response building -----------------------------------------------------------------------------------
@@ -639,12 +639,11 @@ class Server:
             return None
         return [StreamSplitter(self.reasoning, self.end_think_id) for _ in range(req.num_sequences)]
 
-    async def _collect(self, request: Request, req: GenerationRequest, sub: _Submission) -> tuple[
+    async def _collect(self, req: GenerationRequest, sub: _Submission) -> tuple[
             dict[int, RequestOutput], list[StreamSplitter] | None]:
-        """Non-streaming: merge the deltas; a watcher ends the wait (and so aborts) if the client disconnects."""
+        """Non-streaming: merge the deltas (ClientGone if the client disconnects meanwhile)."""
         outs: dict[int, RequestOutput] = {}
         splitters = self._splitters(req)
-        watcher = asyncio.create_task(_watch_disconnect(request, sub.queue))
         try:
             async for i, delta in sub.events():
                 outs.setdefault(i, RequestOutput(delta.request_id)).merge(delta)
@@ -653,7 +652,6 @@ class Server:
                     if delta.finished:
                         splitters[i].finish()
         finally:
-            watcher.cancel()
             sub.abort()
         return dict(sorted(outs.items())), splitters
 
@@ -675,11 +673,12 @@ class Server:
         self._check_lengths(req)
         base = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         # submitted before the response starts: overload and engine errors are still an HTTP status
-        sub = self._submit(req, base)
+        sub = self._submit(req, base, request)
         if req.stream:
-            return SSEResponse(self._stream(req, base, sub), on_close=sub.abort)
+            return StreamingResponse(self._stream(req, base, sub), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            outs, splitters = await self._collect(request, req, sub)
+            outs, splitters = await self._collect(req, sub)
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the log shows it
         choices = []
@@ -706,6 +705,8 @@ class Server:
                              "usage": self._usage(req, outs, splitters)})
 
     async def _stream(self, req: GenerationRequest, base: str, sub: _Submission) -> AsyncIterator[str]:
+        """The SSE body. Its `finally` aborts the unfinished sequences however the stream ends: done, an error, the
+        client gone (the watcher's ClientGone, or the response cancelled or closed: CancelledError, GeneratorExit)."""
         chat = req.kind == "chat"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -750,6 +751,8 @@ class Server:
                         "usage": self._usage(req, outs, splitters)}
                 yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
+        except ClientGone:
+            return  # nobody is reading
         except APIError as e:  # mid-stream the status is sent: the openai client raises on an error event
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
@@ -831,31 +834,37 @@ class Server:
         return app
 
 
-async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
-    """After the body is read, the next ASGI message is http.disconnect: wake the waiting handler with it."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            queue.put_nowait(CLIENT_GONE)
-            return
-
-
 def _finite(logprob: float) -> float:
     return logprob if logprob > -9999.0 else -9999.0  # also NaN -> -9999.0
 
 
 class _Submission:
-    """The engine sequences of one HTTP request and the queue their deltas arrive on."""
+    """The engine sequences of one HTTP request, the queue their deltas arrive on, and a watch on its client."""
 
     def __init__(self, worker: EngineWorker) -> None:
         self.worker = worker
         self.queue: asyncio.Queue = asyncio.Queue()
         self.index: dict[str, int] = {}
         self.pending: set[str] = set()
+        self.watcher: asyncio.Task | None = None
 
     def add(self, rid: str) -> None:
         self.index[rid] = len(self.index)
         self.pending.add(rid)
+
+    def watch(self, request: Request) -> None:
+        """Abort as soon as the client disconnects, whether the handler waits, the stream runs or has not started
+        yet (a response that never starts never runs its body's `finally`), whatever the ASGI spec version."""
+
+        async def until_gone() -> None:
+            # the body has been read, so the next ASGI message is http.disconnect (also sent once the response is
+            # complete: the abort is then a no-op)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.queue.put_nowait(CLIENT_GONE)
+            self.abort()
+
+        self.watcher = asyncio.get_running_loop().create_task(until_gone())
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sequence index, delta) until every sequence has finished."""
@@ -871,39 +880,12 @@ class _Submission:
             yield self.index[item.request_id], item
 
     def abort(self) -> None:
-        """Free the batch slots of unfinished sequences (client gone, error); a no-op once all finished."""
+        """Free the batch slots of unfinished sequences (client gone, error) and stop watching; idempotent."""
         for rid in self.pending:
             self.worker.abort(rid)
         self.pending.clear()
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events that always watch for the client leaving (whatever the ASGI spec version) and always
-    run `on_close`, so a disconnect aborts the engine sequences at once, not when the next token would be sent."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                async def listen() -> None:
-                    await self.listen_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(listen)
-        finally:
-            self.on_close()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class _CountResponses:
