@@ -1,11 +1,12 @@
 """OpenAI-compatible HTTP server over the engine, with DeepSeek-R1's reasoning split and a web chat page.
 
 Read top to bottom (the reasoning split, `<think>...</think>` -> reasoning_content / content as vLLM's deepseek_r1
-parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> request parsing (every parameter
-checked, unsupported ones rejected naming the `param`) -> the engine thread (one thread runs Engine.step() in a
-loop; each HTTP request waits on its own asyncio queue) -> Prometheus metrics -> the FastAPI app (chat
-completions, completions, models, health, metrics, the static web page) -> serve() and a background server for
-tests. docs/serving.md has the API details and the design notes.
+parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> the request schemas (pydantic
+models as vLLM's protocol.py: every parameter checked, unsupported ones rejected naming the `param`) -> the response
+schemas -> the engine thread (one thread runs Engine.step() in a loop; each HTTP request waits on its own asyncio
+queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app (chat completions, completions, models, health,
+metrics, the static web page) -> serve() and a background server for tests. docs/serving.md has the API details
+and the design notes.
 """
 
 from __future__ import annotations
@@ -16,21 +17,36 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
-import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from .infer import Engine, RequestOutput, SamplingParams
@@ -49,8 +65,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
 def _bad(param: str | None, message: str, code: str | None = "invalid_value") -> APIError:
@@ -58,83 +74,325 @@ def _bad(param: str | None, message: str, code: str | None = "invalid_value") ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Request parsing: everything is checked before the engine sees it
+# Request schemas. Chat and completions share _SamplingRequest; an endpoint added later (image generation) derives
+# from OpenAIRequest, and a new content part (image_url) is one more tagged member of ContentPart.
 
-
-# vLLM's extensions of the OpenAI API that the engine supports (sent by clients in `extra_body`)
-_VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
-                "skip_special_tokens")
-# OpenAI parameters that are accepted only at a value that means "feature not used"
-_NEUTRAL = {"response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
-            "modalities": lambda v: v == ["text"], "store": lambda v: v is False,
-            "service_tier": lambda v: v in ("auto", "default"), "logit_bias": lambda v: v == {},
-            "parallel_tool_calls": lambda v: isinstance(v, bool), "echo": lambda v: v is False,
-            "suffix": lambda v: v == "", "metadata": lambda v: isinstance(v, dict)}
-_CHAT_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "stop", "max_tokens",
-                        "max_completion_tokens", "temperature", "top_p", "seed", "logprobs", "top_logprobs",
-                        "presence_penalty", "frequency_penalty", "user", *_VLLM_EXTRAS})
-_COMPLETION_KEYS = frozenset({"model", "prompt", "stream", "stream_options", "n", "best_of", "stop", "max_tokens",
-                              "temperature", "top_p", "seed", "logprobs", "presence_penalty", "frequency_penalty",
-                              "user", *_VLLM_EXTRAS})
 MAX_N = 16
 MAX_STOP = 16
+MAX_LOGPROBS = 20
 
 
-def _check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
-    for key, value in body.items():
-        if key in allowed or value is None:  # null means "not given", as OpenAI treats it
-            continue
-        if key in _NEUTRAL and _NEUTRAL[key](value):
-            continue
-        if key in _NEUTRAL or key in ("tools", "tool_choice", "functions", "function_call", "audio", "prediction",
-                                      "reasoning_effort", "web_search_options", "verbosity"):
-            raise _bad(key, f"'{key}' is not supported by this server (value {json.dumps(value)[:80]})",
-                       "unsupported_parameter")
-        raise _bad(key, f"Unrecognized request argument supplied: {key}", "unknown_parameter")
+def _neutral(*accepted: Any) -> AfterValidator:
+    """An OpenAI parameter whose feature this server does not have: accepted only at a value meaning "not used"."""
+
+    def check(value: Any) -> Any:
+        # the type too: 0 == False, but `store: 0` is not OpenAI's `store: false`
+        if not any(value == a and type(value) is type(a) for a in accepted):
+            raise PydanticCustomError("unsupported_parameter", "this server only accepts {accepted} (it does not "
+                                      "have the feature)", {"accepted": " or ".join(json.dumps(a) for a in accepted)})
+        return value
+
+    return AfterValidator(check)
 
 
-def _num(body: dict[str, Any], name: str, default: Any, lo: float | None = None, hi: float | None = None, *,
-         integer: bool = False, lo_open: bool = False) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or \
-            (isinstance(v, float) and not math.isfinite(v)):
-        raise _bad(name, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}",
-                   "invalid_type")
-    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-        lo_s = "-inf" if lo is None else str(lo)
-        rng = f"{'(' if lo_open else '['}{lo_s}, {'inf' if hi is None else hi}]"
-        raise _bad(name, f"'{name}' must be in {rng}, got {v}")
-    return v
+def _unsupported(value: Any) -> Any:
+    raise PydanticCustomError("unsupported_parameter", "this server does not support it")
 
 
-def _bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(name, f"'{name}' must be a boolean, got {json.dumps(v)[:40]}", "invalid_type")
-    return v
+# an OpenAI feature this server does not have, refused whatever its value (a null one was never given)
+Unsupported = Annotated[Any, AfterValidator(_unsupported)]
 
 
-def _stop(body: dict[str, Any]) -> list[str]:
-    v = body.get("stop")
-    if v is None:
-        return []
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop", "'stop' must be a string or a list of strings", "invalid_type")
-    if len(stops) > MAX_STOP:
-        raise _bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
-    if any(not s for s in stops):
-        raise _bad("stop", "'stop' strings must be non-empty")
+def _no_empty_strings(stops: list[str]) -> list[str]:
+    if any(not s for s in stops):  # on the whole list, so that the error names `stop`, not `stop[i]`
+        raise PydanticCustomError("invalid_value", "stop strings must be non-empty")
     return stops
+
+
+Stop = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v), Field(max_length=MAX_STOP),
+                 AfterValidator(_no_empty_strings)]
+
+
+def _in_vocabulary(token: int, info: ValidationInfo) -> int:
+    vocab_size = (info.context or {}).get("vocab_size")  # the server passes its model's (validation context)
+    if vocab_size is not None and token >= vocab_size:
+        raise PydanticCustomError("invalid_value", "token ids must be in [0, {vocab_size})",
+                                  {"vocab_size": vocab_size})
+    return token
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0), AfterValidator(_in_vocabulary)]], Field(min_length=1)]
+
+# Unions are tagged (a callable Discriminator picks the member from the JSON's shape), so a bad value gets the one
+# error of the member it was meant for, not one error per member.
+
+
+def _prompt_form(prompt: Any) -> str | None:
+    if isinstance(prompt, str):
+        return "string"
+    if isinstance(prompt, list) and prompt:  # by the first element: the member's validation checks the others
+        first = prompt[0]
+        if isinstance(first, str):
+            return "strings"
+        return "token ids" if isinstance(first, int) else "token id lists" if isinstance(first, list) else None
+    return None
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[str], Tag("strings")] | Annotated[TokenIds, Tag("token ids")]
+    | Annotated[list[TokenIds], Tag("token id lists")],
+    Discriminator(_prompt_form, custom_error_type="invalid_type", custom_error_message=(
+        "must be a string, a list of strings, a list of token ids or a list of lists of token ids "
+        "(non-empty)"))]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text part")],  # (an image_url part will be one more member)
+    # the tag is not the type itself: OpenAI's parts have a key named as their type, which would blur error paths
+    Discriminator(lambda p: f"{p.get('type')} part" if isinstance(p, dict) else None,
+                  custom_error_type="unsupported_parameter",
+                  custom_error_message="only text content parts are supported")]
+
+Content = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(lambda c: "string" if isinstance(c, str) else "parts" if isinstance(c, list) else None,
+                  custom_error_type="invalid_type",
+                  custom_error_message="message content must be a string or a list of text parts")]
+
+
+class _Message(BaseModel):
+    # Keys a message does not use are ignored, not refused: clients send back the assistant messages they received,
+    # with the response's other fields (reasoning_content, refusal, annotations, ...)
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str  # each kind's Literal: the union's discriminator
+    content: Content
+
+    def for_template(self) -> dict[str, str]:
+        """The chat template's {"role", "content"}; `developer` (OpenAI's newer name) means system."""
+        c = self.content
+        text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    # null when that turn stopped inside the reasoning; an echoed reasoning_content is dropped, as R1's template
+    # drops past reasoning anyway
+    content: Content | None = None
+    tool_calls: Annotated[list[Any], _neutral([])] | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+
+
+class OpenAIRequest(BaseModel):
+    """What every endpoint's request has: JSON types as sent (strict: "1" is not a number, 1 is not true), unknown
+    parameters refused (`unknown_parameter`), `null` meaning "not given", and the model's name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model: str = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, body: Any) -> Any:
+        # as OpenAI: a parameter sent as null takes its default, and an unsupported feature sent as null is not used
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+
+# the sampling fields below that SamplingParams takes as they are (the same names: vLLM's)
+_ENGINE_FIELDS = ("stop", "stop_token_ids", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+
+
+class _SamplingRequest(OpenAIRequest):
+    """What chat and legacy completions share: choices, streaming, stop conditions and sampling.
+
+    Fields are validated in order, so a check that depends on another field is declared after it."""
+
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = []
+    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context
+    temperature: float | None = Field(None, ge=0, le=2)  # None: the model's generation_config, else 1
+    top_p: float | None = Field(None, gt=0, le=1)  # likewise
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
+    logit_bias: Annotated[dict[str, float], _neutral({})] | None = None
+    # vLLM's extensions that the engine supports (the openai client sends them in extra_body)
+    top_k: int = Field(-1, ge=-1)  # -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, options: StreamOptions, info: ValidationInfo) -> StreamOptions:
+        if not info.data.get("stream"):
+            raise PydanticCustomError("invalid_value", "only allowed when 'stream' is enabled")
+        return options
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, k: int) -> int:
+        if k == 0:
+            raise PydanticCustomError("invalid_value", "must be -1 (off) or >= 1")
+        return k
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, float]) -> list[SamplingParams]:
+        """One per choice. n > 1 with a seed: choice j uses seed + j, so the choices differ and the response is
+        still reproducible."""
+        temperature = defaults.get("temperature", 1.0) if self.temperature is None else self.temperature
+        top_p = defaults.get("top_p", 1.0) if self.top_p is None else self.top_p
+        common = {name: getattr(self, name) for name in _ENGINE_FIELDS}
+        return [SamplingParams(**common, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               logprobs=logprobs, seed=None if self.seed is None else (self.seed + j) % 2**64)
+                for j in range(self.n)]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens; it wins, as in vLLM
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI parameters accepted at the value that means "feature not used"
+    response_format: Annotated[dict[str, Any], _neutral({"type": "text"})] | None = None
+    modalities: Annotated[list[str], _neutral(["text"])] | None = None
+    store: Annotated[bool, _neutral(False)] | None = None
+    service_tier: Annotated[str, _neutral("auto", "default")] | None = None
+    parallel_tool_calls: bool | None = None  # either value: there are no tools
+    metadata: dict[str, Any] | None = None  # for OpenAI's stored completions: accepted, unused
+    # OpenAI features this server does not have
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    audio: Unsupported = None
+    prediction: Unsupported = None
+    reasoning_effort: Unsupported = None
+    web_search_options: Unsupported = None
+    verbosity: Unsupported = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int, info: ValidationInfo) -> int:
+        if not info.data.get("logprobs"):  # as OpenAI
+            raise PydanticCustomError("invalid_value", "requires 'logprobs' to be true")
+        return top
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The parameter that sets the completion's length (named in context-length errors)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return getattr(self, self.max_tokens_param)
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """SamplingParams.logprobs: None for none, else the number of top alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for legacy completions
+    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Annotated[bool, _neutral(False)] | None = None
+    suffix: Annotated[str, _neutral("")] | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int, info: ValidationInfo) -> int:
+        if best_of != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_parameter", "it must equal n (there is no server-side best-of)")
+        return best_of
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts one by one: texts to encode or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)  # type: ignore[arg-type]
+
+
+R = TypeVar("R", bound=OpenAIRequest)
+
+# pydantic's error types -> OpenAI's codes; the rest are invalid_type (a *_type error) or invalid_value
+_CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter",
+          "union_tag_not_found": "missing_required_parameter", "unsupported_parameter": "unsupported_parameter",
+          "finite_number": "invalid_type"}
+
+
+def parse_request(model: type[R], body: dict[str, Any], **context: Any) -> R:
+    """Validate a request body; pydantic's first error becomes OpenAI's 400 naming the `param`."""
+    try:
+        return model.model_validate(body, context=context)
+    except ValidationError as e:
+        raise _invalid(e.errors(include_url=False)[0], body) from e
+
+
+def _invalid(err: ErrorDetails, body: Any) -> APIError:
+    kind, param = err["type"], _param(err["loc"], body)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # pydantic names the union; the bad field is its tag
+        param = f"{param}.{str(err.get('ctx', {}).get('discriminator', '')).strip(chr(39))}"
+    code = _CODES.get(kind) or ("invalid_type" if kind.endswith("_type") else "invalid_value")
+    if code == "unknown_parameter":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif code == "missing_required_parameter":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        message = f"Invalid '{param}': {err['msg']}" if param else err["msg"]
+    return APIError(400, message, param=param, code=code)
+
+
+def _param(loc: tuple[int | str, ...], body: Any) -> str | None:
+    """pydantic's error location -> OpenAI's `param`, the path in the request's JSON (`messages[0].content[0]`).
+
+    The path is followed in the body itself: a union's tag (a message's role, a content's form) is in pydantic's
+    location but not in the JSON, so it is left out; a last key that is not in the body is a missing field."""
+    path, node = "", body
+    for i, key in enumerate(loc):
+        if isinstance(key, int) and isinstance(node, list) and 0 <= key < len(node):
+            path, node = f"{path}[{key}]", node[key]
+        elif isinstance(key, str) and isinstance(node, dict) and (key in node or i == len(loc) - 1):
+            path, node = f"{path}.{key}" if path else key, node.get(key)
+    return path or None
 
 
 @dataclass
 class GenerationRequest:
-    """A parsed request: the prompts (token ids), the sampling of each choice, and the response options."""
+    """A validated request as the engine takes it: the prompts (token ids), the sampling of each sequence and the
+    response options."""
 
     kind: str  # "chat" | "completion"
     prompts: list[list[int]]
@@ -143,140 +401,148 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: no logprobs; else the number of top alternatives
-    max_tokens_param: str | None = None  # which field set max_tokens, for error messages
+    max_tokens_param: str  # which field set max_tokens, for error messages
 
     @property
     def num_sequences(self) -> int:
         return len(self.params)
 
 
-def _sampling(body: dict[str, Any], n: int, max_tokens: int | None, logprobs: int | None,
-              defaults: dict[str, float]) -> list[SamplingParams]:
-    temperature = _num(body, "temperature", defaults.get("temperature", 1.0), 0, 2)
-    top_p = _num(body, "top_p", defaults.get("top_p", 1.0), 0, 1, lo_open=True)
-    seed = _num(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
-    stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids)):
-        raise _bad("stop_token_ids", "'stop_token_ids' must be a list of non-negative integers", "invalid_type")
-    common = dict(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body), stop_token_ids=stop_ids,
-        top_k=_num(body, "top_k", -1, integer=True), min_p=_num(body, "min_p", 0.0, 0, 1),
-        repetition_penalty=_num(body, "repetition_penalty", 1.0, 0, lo_open=True),
-        presence_penalty=_num(body, "presence_penalty", 0.0, -2, 2),
-        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2, 2),
-        ignore_eos=_bool(body, "ignore_eos"), include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
-        skip_special_tokens=_bool(body, "skip_special_tokens", True), logprobs=logprobs)
-    if common["top_k"] != -1 and common["top_k"] < 1:
-        raise _bad("top_k", f"'top_k' must be -1 (off) or >= 1, got {common['top_k']}")
-    # n > 1 with a seed: choice j uses seed + j, so the choices differ and the response is still reproducible
-    return [SamplingParams(**common, seed=None if seed is None else (seed + j) % 2**64) for j in range(n)]
+# ----------------------------------------------------------------------------------------------------------------
+# Response schemas. Dumped with exclude_unset (as vLLM's stream chunks), so a key is in the JSON when the server set
+# it, null included: OpenAI's shape has both kinds (`content: null`, `finish_reason: null`, `logprobs: null` are
+# sent; an unused `reasoning_content` is not). So a required field is always in the JSON (constants too: they are
+# passed, not defaulted), and a field defaulting to None only when it was given.
 
 
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
-    opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not stream:
-        raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is enabled")
-    if not isinstance(opts, dict):
-        raise _bad("stream_options", "'stream_options' must be an object", "invalid_type")
-    for k in opts:
-        if k != "include_usage":
-            raise _bad(f"stream_options.{k}", f"Unrecognized stream option: {k}", "unknown_parameter")
-    return _bool(opts, "include_usage")
+class _Response(BaseModel):
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+    def sse(self) -> str:
+        """A server-sent event: `data: {json}`."""
+        return f"data: {self.model_dump_json(exclude_unset=True)}\n\n"
 
 
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for i, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise _bad(f"{where}[{i}]", "only text content parts are supported", "unsupported_parameter")
-            parts.append(p["text"])
-        return "".join(parts)
-    raise _bad(where, "message content must be a string or a list of text parts", "invalid_type")
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI messages -> the template's {"role", "content"}; `developer` (OpenAI's newer name) means system."""
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "'messages' must be a non-empty list", "invalid_type")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", "each message must be an object", "invalid_type")
-        role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise _bad(f"messages[{i}].role", f"unsupported role {json.dumps(role)} (system, developer, user, "
-                       "assistant)")
-        if m.get("tool_calls"):
-            raise _bad(f"messages[{i}].tool_calls", "tool calls are not supported", "unsupported_parameter")
-        # an assistant turn's reasoning_content is dropped, as R1's template drops past reasoning anyway; its
-        # content is null when the turn stopped inside the reasoning
-        content = m.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _text_content(content, f"messages[{i}].content")})
-    return out
+class ErrorResponse(_Response):
+    error: ErrorInfo
 
 
-def _n(body: dict[str, Any]) -> int:
-    return _num(body, "n", 1, 1, MAX_N, integer=True)
+class CompletionTokensDetails(_Response):
+    reasoning_tokens: int
 
 
-def parse_chat(body: dict[str, Any], encode: Callable[[list[dict[str, str]]], list[int]],
-               defaults: dict[str, float]) -> GenerationRequest:
-    _check_keys(body, _CHAT_KEYS)
-    messages = parse_messages(body.get("messages"))
-    stream = _bool(body, "stream")
-    n = _n(body)
-    include_usage = _stream_options(body, stream)
-    want_logprobs = _bool(body, "logprobs")
-    top = _num(body, "top_logprobs", None, 0, 20, integer=True)
-    if top is not None and not want_logprobs:
-        raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
-    # max_completion_tokens is OpenAI's newer name and wins, as in vLLM
-    which = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _num(body, which, None, 1, integer=True)
-    logprobs = (top or 0) if want_logprobs else None
-    params = _sampling(body, n, max_tokens, logprobs, defaults)
-    return GenerationRequest("chat", [encode(messages)], params, n, stream, include_usage, logprobs, which)
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # chat: the reasoning's share
 
 
-def parse_completion(body: dict[str, Any], encode: Callable[[str], list[int]], vocab_size: int,
-                     defaults: dict[str, float]) -> GenerationRequest:
-    _check_keys(body, _COMPLETION_KEYS)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [encode(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [encode(p) for p in prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-            for p in prompt):
-        prompts = [list(p) for p in prompt]
-    else:
-        raise _bad("prompt", "'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
-                   "of token ids (non-empty)", "invalid_type")
-    if any(t < 0 or t >= vocab_size for p in prompts for t in p):
-        raise _bad("prompt", f"prompt token ids must be in [0, {vocab_size})")
-    stream = _bool(body, "stream")
-    n = _n(body)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise _bad("best_of", "'best_of' is not supported (it must equal n)", "unsupported_parameter")
-    include_usage = _stream_options(body, stream)
-    logprobs = _num(body, "logprobs", None, 0, 20, integer=True)
-    max_tokens = _num(body, "max_tokens", 16, 1, integer=True)  # OpenAI's default for legacy completions
-    params = _sampling(body, n, max_tokens, logprobs, defaults)
-    return GenerationRequest("completion", prompts, params * len(prompts), n, stream, include_usage, logprobs,
-                             "max_tokens")
+class TopLogprob(_Response):
+    token: str  # the token decoded alone
+    logprob: float
+    bytes: list[int]  # its UTF-8
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class ChatMessage(_Response):
+    role: Literal["assistant"]
+    content: str | None  # null when the output stopped inside the reasoning
+    reasoning_content: str | None = None  # with the reasoning split (DeepSeek's name) ...
+    reasoning: str | None = None  # ... and under vLLM's newer name
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessage
+    finish_reason: str
+    stop_reason: int | str | None  # vLLM's: the stop string or token id that ended it
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None  # in the choice's last chunk
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # with include_usage: null in every chunk, then one more chunk carries it
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None  # null in a stream's chunks before the choice's last
+    stop_reason: int | str | None = None  # once finished
+
+
+class Completion(_Response):  # a response, or a chunk of a stream (OpenAI's legacy completions use one object)
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,9 +644,9 @@ class EngineWorker:
                         m.itl.observe(gap)
                 self.last[rid] = now
             if out.finished:
-                m.finished[out.finish_reason or "unknown"] = m.finished.get(out.finish_reason or "unknown", 0) + 1
-                m.prompt_tokens += out.prompt_tokens
-                m.generation_tokens += out.completion_tokens
+                m.finished.labels(finish_reason=out.finish_reason or "unknown").inc()
+                m.prompt_tokens.inc(out.prompt_tokens)
+                m.generation_tokens.inc(out.completion_tokens)
                 m.e2e.observe(now - self.started[rid])
                 del self.queues[rid], self.started[rid]
                 self.last.pop(rid, None)
@@ -394,70 +660,50 @@ class EngineWorker:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prometheus metrics (text exposition format, no client library)
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
-        self.name, self.help, self.buckets = name, help, list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, v: float) -> None:
-        self.sum += v
-        self.count += 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
-                  f"{self.name}_count {self.count}"]
-        return lines
+# Prometheus metrics
 
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-@dataclass
 class Metrics:
-    """Updated on the event loop only (the worker hands outputs over there), so no lock."""
+    """One server's metrics, in a registry of its own: several servers in one process (the tests) do not collide,
+    and each /metrics shows its own. Updated on the event loop (the worker hands its outputs over there)."""
 
-    ttft: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_time_to_first_token_seconds", "Time from arrival to the first generated token.", _LATENCY))
-    itl: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_time_per_output_token_seconds", "Time between output tokens of a sequence.", _LATENCY))
-    e2e: Histogram = field(default_factory=lambda: Histogram(
-        "nanoseek_e2e_request_latency_seconds", "Time from arrival to the last token of a sequence.", _LATENCY))
-    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> sequences
-    http: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, status) -> responses
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.finished = Counter("nanoseek_requests_total", "Finished sequences (one per choice), by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.http = Counter("nanoseek_http_requests_total", "HTTP responses of the API, by path and status.",
+                            ["path", "code"], registry=r)
+        self.prompt_tokens = Counter("nanoseek_prompt_tokens_total", "Prompt tokens of finished sequences.",
+                                     registry=r)
+        self.generation_tokens = Counter("nanoseek_generation_tokens_total",
+                                         "Generated tokens of finished sequences.", registry=r)
+        self.ttft = Histogram("nanoseek_time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.", buckets=_LATENCY, registry=r)
+        self.itl = Histogram("nanoseek_time_per_output_token_seconds", "Time between output tokens of a sequence.",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("nanoseek_e2e_request_latency_seconds",
+                             "Time from arrival to the last token of a sequence.", buckets=_LATENCY, registry=r)
 
-    def render(self, worker: EngineWorker) -> str:
-        running = len(worker.engine.rows)  # a len() of the engine thread's list: atomic under the GIL
-        waiting = max(0, worker.in_flight - running)
-        lines = ["# HELP nanoseek_requests_total Finished sequences (one per choice), by finish reason.",
-                 "# TYPE nanoseek_requests_total counter"]
-        lines += [f'nanoseek_requests_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.finished.items())]
-        lines += ["# HELP nanoseek_http_requests_total HTTP responses of the API, by path and status.",
-                  "# TYPE nanoseek_http_requests_total counter"]
-        lines += [f'nanoseek_http_requests_total{{path="{p}",code="{s}"}} {v}'
-                  for (p, s), v in sorted(self.http.items())]
-        for name, help, kind, value in (
-                ("nanoseek_prompt_tokens_total", "Prompt tokens of finished sequences.", "counter",
-                 self.prompt_tokens),
-                ("nanoseek_generation_tokens_total", "Generated tokens of finished sequences.", "counter",
-                 self.generation_tokens),
-                ("nanoseek_requests_running", "Sequences in the running batch.", "gauge", running),
-                ("nanoseek_requests_waiting", "Sequences queued for a batch slot (queue depth).", "gauge", waiting),
-                ("nanoseek_engine_steps_total", "Engine scheduling steps.", "counter", worker.engine.stats.steps)):
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        for h in (self.ttft, self.itl, self.e2e):
-            lines += h.render()
-        return "\n".join(lines) + "\n"
+    def watch(self, worker: EngineWorker) -> None:
+        self.registry.register(_EngineState(worker))
+
+
+class _EngineState:
+    """A custom collector: the batch, the queue and the engine's own step count, read when scraped."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        running = len(self.worker.engine.rows)  # a len() of the engine thread's list: atomic under the GIL
+        yield GaugeMetricFamily("nanoseek_requests_running", "Sequences in the running batch.", value=running)
+        yield GaugeMetricFamily("nanoseek_requests_waiting", "Sequences queued for a batch slot (queue depth).",
+                                value=max(0, self.worker.in_flight - running))
+        yield CounterMetricFamily("nanoseek_engine_steps", "Engine scheduling steps.",
+                                  value=self.worker.engine.stats.steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,6 +749,7 @@ class Server:
         self.defaults = generation_defaults or {}
         self.metrics = Metrics()
         self.worker = EngineWorker(engine, self.metrics)
+        self.metrics.watch(self.worker)
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -528,7 +775,7 @@ class Server:
             defaults = {k: float(g[k]) for k in ("temperature", "top_p") if isinstance(g.get(k), int | float)}
         return cls(cfg, engine, tokenizer, defaults)
 
-    # ---- helpers ---------------------------------------------------------------------------------------------
+    # ---- requests --------------------------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -542,6 +789,7 @@ class Server:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
+        """The body, read here rather than by FastAPI: after the key is checked, and bounded while it arrives."""
         limit = self.cfg.max_body_bytes
         too_large = APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
         length = request.headers.get("content-length")
@@ -561,13 +809,25 @@ class Server:
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         return body
 
-    def _check_model(self, body: dict[str, Any]) -> None:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise _bad("model", "you must provide a model parameter", "missing_required_parameter")
+    def _check_model(self, model: str) -> None:
         if model != self.name:  # OpenAI answers an unknown model with 404 model_not_found
             raise APIError(404, f"The model '{model}' does not exist. This server serves '{self.name}'.",
                            param="model", code="model_not_found")
+
+    def _generation_request(self, body: dict[str, Any], kind: str) -> GenerationRequest:
+        if kind == "chat":
+            chat = parse_request(ChatCompletionRequest, body)
+            self._check_model(chat.model)
+            prompt = self._encode_chat([m.for_template() for m in chat.messages])
+            params = chat.sampling_params(chat.max_new_tokens, chat.logprobs_k, self.defaults)
+            return GenerationRequest("chat", [prompt], params, chat.n, chat.stream, chat.include_usage,
+                                     chat.logprobs_k, chat.max_tokens_param)
+        c = parse_request(CompletionRequest, body, vocab_size=self.engine.vocab_size)
+        self._check_model(c.model)
+        prompts = [self._encode_text(p) if isinstance(p, str) else p for p in c.prompts()]
+        params = c.sampling_params(c.max_tokens, c.logprobs, self.defaults)
+        return GenerationRequest("completion", prompts, params * len(prompts), c.n, c.stream, c.include_usage,
+                                 c.logprobs, "max_tokens")
 
     def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -593,7 +853,7 @@ class Server:
                            f"{sp.max_tokens} in the completion). Please reduce the length of the {where} or "
                            "completion.", "context_length_exceeded")
 
-    def _submit(self, req: GenerationRequest, base: str) -> _Submission:
+    def _submit(self, req: GenerationRequest, base: str, request: Request) -> _Submission:
         w = self.worker
         if not w.alive:
             raise APIError(503, "The engine is not running; the server cannot generate.", "server_error",
@@ -611,43 +871,44 @@ class Server:
         except ValueError as e:  # the engine's own checks; take back what was already queued
             sub.abort()
             raise _bad(None, str(e)) from e
+        sub.watch(request)
         return sub
 
-    # ---- response building -----------------------------------------------------------------------------------
+    # ---- responses -------------------------------------------------------------------------------------------
     # Logprobs are of the processed distribution (infer.SamplingParams): tokens removed by top-p/top-k are -inf,
     # which JSON cannot carry; vLLM's -9999.0 stands in for them.
     def _token_str(self, t: int) -> str:
         return self.tokenizer.decode([t])
 
-    def _chat_logprobs(self, out: RequestOutput) -> list[dict[str, Any]]:
+    def _chat_logprobs(self, out: RequestOutput) -> ChatLogprobs:
         entries = []
         tops = out.top_logprobs or [{}] * len(out.token_ids)
         for t, lp, top in zip(out.token_ids, out.logprobs or [], tops):
             s = self._token_str(t)
-            entries.append({"token": s, "logprob": _finite(lp), "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": (ts := self._token_str(i)), "logprob": _finite(v),
-                                              "bytes": list(ts.encode())} for i, v in top.items()]})
-        return entries
+            entries.append(TokenLogprob(token=s, logprob=_finite(lp), bytes=list(s.encode()), top_logprobs=[
+                TopLogprob(token=(ts := self._token_str(i)), logprob=_finite(v), bytes=list(ts.encode()))
+                for i, v in top.items()]))
+        return ChatLogprobs(content=entries)
 
-    def _completion_logprobs(self, out: RequestOutput, offset: int) -> dict[str, Any]:
+    def _completion_logprobs(self, out: RequestOutput, offset: int) -> CompletionLogprobs:
         tokens = [self._token_str(t) for t in out.token_ids]
         offsets = []
         for s in tokens:
             offsets.append(offset)
             offset += len(s)
         tops = out.top_logprobs or [{}] * len(out.token_ids)
-        return {"tokens": tokens, "token_logprobs": [_finite(v) for v in out.logprobs or []],
-                "top_logprobs": [{self._token_str(i): _finite(v) for i, v in top.items()} for top in tops],
-                "text_offset": offsets}
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[_finite(v) for v in out.logprobs or []],
+                                  top_logprobs=[{self._token_str(i): _finite(v) for i, v in top.items()}
+                                                for top in tops], text_offset=offsets)
 
     def _usage(self, req: GenerationRequest, outs: dict[int, RequestOutput],
-               splitters: list[StreamSplitter] | None) -> dict[str, Any]:
+               splitters: list[StreamSplitter] | None) -> Usage:
         prompt = sum(len(p) for p in req.prompts)
         completion = sum(o.completion_tokens for o in outs.values())
-        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                                 "total_tokens": prompt + completion}
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
         if splitters is not None:
-            usage["completion_tokens_details"] = {"reasoning_tokens": sum(s.reasoning_tokens for s in splitters)}
+            usage.completion_tokens_details = CompletionTokensDetails(
+                reasoning_tokens=sum(s.reasoning_tokens for s in splitters))
         return usage
 
     def _splitters(self, req: GenerationRequest) -> list[StreamSplitter] | None:
@@ -655,12 +916,11 @@ class Server:
             return None
         return [StreamSplitter(self.reasoning, self.end_think_id) for _ in range(req.num_sequences)]
 
-    async def _collect(self, request: Request, req: GenerationRequest, sub: _Submission) -> tuple[
+    async def _collect(self, req: GenerationRequest, sub: _Submission) -> tuple[
             dict[int, RequestOutput], list[StreamSplitter] | None]:
-        """Non-streaming: merge the deltas; a watcher ends the wait (and so aborts) if the client disconnects."""
+        """Non-streaming: merge the deltas (ClientGone if the client disconnects meanwhile)."""
         outs: dict[int, RequestOutput] = {}
         splitters = self._splitters(req)
-        watcher = asyncio.create_task(_watch_disconnect(request, sub.queue))
         try:
             async for i, delta in sub.events():
                 outs.setdefault(i, RequestOutput(delta.request_id)).merge(delta)
@@ -669,7 +929,6 @@ class Server:
                     if delta.finished:
                         splitters[i].finish()
         finally:
-            watcher.cancel()
             sub.abort()
         return dict(sorted(outs.items())), splitters
 
@@ -682,67 +941,67 @@ class Server:
 
     async def _completions(self, request: Request, kind: str) -> Response:
         self._check_auth(request)
-        body = await self._read_json(request)
-        self._check_model(body)
-        if kind == "chat":
-            req = parse_chat(body, self._encode_chat, self.defaults)
-        else:
-            req = parse_completion(body, self._encode_text, self.engine.vocab_size, self.defaults)
+        req = self._generation_request(await self._read_json(request), kind)
         self._check_lengths(req)
         base = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         # submitted before the response starts: overload and engine errors are still an HTTP status
-        sub = self._submit(req, base)
+        sub = self._submit(req, base, request)
         if req.stream:
-            return SSEResponse(self._stream(req, base, sub), on_close=sub.abort)
+            return StreamingResponse(self._stream(req, base, sub), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            outs, splitters = await self._collect(request, req, sub)
+            outs, splitters = await self._collect(req, sub)
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the log shows it
+        return JSONResponse(self._response(req, base, outs, splitters).dump())
+
+    def _response(self, req: GenerationRequest, base: str, outs: dict[int, RequestOutput],
+                  splitters: list[StreamSplitter] | None) -> ChatCompletion | Completion:
+        created, usage = int(time.time()), self._usage(req, outs, splitters)
+        if req.kind == "completion":
+            return Completion(id=base, object="text_completion", created=created, model=self.name, usage=usage,
+                              choices=[CompletionChoice(
+                                  index=i, text=out.text, finish_reason=_finish(out), stop_reason=out.stop_reason,
+                                  logprobs=self._completion_logprobs(out, 0) if req.logprobs is not None else None)
+                                  for i, out in outs.items()])
         choices = []
         for i, out in outs.items():
-            finish = out.finish_reason if out.finish_reason != "abort" else "stop"
-            if kind == "chat":
-                message: dict[str, Any] = {"role": "assistant"}
-                if self.reasoning:
-                    s = splitters[i]  # type: ignore[index]
-                    message.update(content=s.answer, reasoning_content=s.reasoning_content,
-                                   reasoning=s.reasoning_content)
-                else:
-                    message["content"] = out.text
-                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish,
-                                          "stop_reason": out.stop_reason,
-                                          "logprobs": {"content": self._chat_logprobs(out)}
-                                          if req.logprobs is not None else None}
+            if self.reasoning:
+                s = splitters[i]  # type: ignore[index]
+                message = ChatMessage(role="assistant", content=s.answer, reasoning_content=s.reasoning_content,
+                                      reasoning=s.reasoning_content)
             else:
-                choice = {"index": i, "text": out.text, "finish_reason": finish, "stop_reason": out.stop_reason,
-                          "logprobs": self._completion_logprobs(out, 0) if req.logprobs is not None else None}
-            choices.append(choice)
-        return JSONResponse({"id": base, "object": "chat.completion" if kind == "chat" else "text_completion",
-                             "created": int(time.time()), "model": self.name, "choices": choices,
-                             "usage": self._usage(req, outs, splitters)})
+                message = ChatMessage(role="assistant", content=out.text)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=_finish(out), stop_reason=out.stop_reason,
+                                      logprobs=self._chat_logprobs(out) if req.logprobs is not None else None))
+        return ChatCompletion(id=base, object="chat.completion", created=created, model=self.name, choices=choices,
+                              usage=usage)
 
     async def _stream(self, req: GenerationRequest, base: str, sub: _Submission) -> AsyncIterator[str]:
+        """The SSE body. Its `finally` aborts the unfinished sequences however the stream ends: done, an error, the
+        client gone (the watcher's ClientGone, or the response cancelled or closed: CancelledError, GeneratorExit)."""
         chat = req.kind == "chat"
         created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
         splitters = self._splitters(req)
         outs: dict[int, RequestOutput] = {}
         offsets = [0] * req.num_sequences
+        # as OpenAI: with include_usage every chunk has "usage": null, and one more chunk fills it
+        no_usage: dict[str, Any] = {"usage": None} if req.include_usage else {}
 
-        def chunk(choices: list[dict[str, Any]]) -> str:
-            data: dict[str, Any] = {"id": base, "object": obj, "created": created, "model": self.name,
-                                    "choices": choices}
-            if req.include_usage:
-                data["usage"] = None  # as OpenAI: every chunk has the field, only the last one fills it
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        def chunk(choices: list[Any], **usage: Any) -> str:
+            if chat:
+                return ChatCompletionChunk(id=base, object="chat.completion.chunk", created=created,
+                                           model=self.name, choices=choices, **usage).sse()
+            return Completion(id=base, object="text_completion", created=created, model=self.name,
+                              choices=choices, **usage).sse()
 
         try:
             if chat:  # the first chunk of each choice carries the role, as OpenAI's
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(req.num_sequences)])
+                yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None,
+                                             finish_reason=None) for i in range(req.num_sequences)], **no_usage)
             async for i, d in sub.events():
                 outs.setdefault(i, RequestOutput(d.request_id)).merge(d)
-                finish = None if not d.finished else (d.finish_reason if d.finish_reason != "abort" else "stop")
+                finish = _finish(d) if d.finished else None
                 end = {"stop_reason": d.stop_reason} if finish else {}
                 if chat:
                     s = splitters[i]  # type: ignore[index]
@@ -750,30 +1009,32 @@ class Server:
                     if d.finished:
                         r2, c2 = s.finish()
                         r, c = r + r2, c + c2
-                    delta: dict[str, Any] = {"reasoning_content": r, "reasoning": r} if r else {}
+                    delta: dict[str, str] = {"reasoning_content": r, "reasoning": r} if r else {}
                     if c:
                         delta["content"] = c
-                    lp = {"content": self._chat_logprobs(d)} if req.logprobs is not None and d.token_ids else None
+                    lp = self._chat_logprobs(d) if req.logprobs is not None and d.token_ids else None
                     if delta or lp or finish:
-                        yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish, **end}])
+                        yield chunk([ChatChunkChoice(index=i, delta=Delta(**delta), logprobs=lp, finish_reason=finish,
+                                                     **end)], **no_usage)
                 else:
-                    lp = self._completion_logprobs(d, offsets[i]) if req.logprobs is not None else None
+                    clp = self._completion_logprobs(d, offsets[i]) if req.logprobs is not None else None
                     offsets[i] += len(d.text)
-                    if d.text or lp or finish:
-                        yield chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": finish, **end}])
+                    if d.text or clp or finish:
+                        yield chunk([CompletionChoice(index=i, text=d.text, logprobs=clp, finish_reason=finish,
+                                                      **end)], **no_usage)
             if req.include_usage:
-                data = {"id": base, "object": obj, "created": created, "model": self.name, "choices": [],
-                        "usage": self._usage(req, outs, splitters)}
-                yield f"data: {json.dumps(data)}\n\n"
+                yield chunk([], usage=self._usage(req, outs, splitters))
             yield "data: [DONE]\n\n"
+        except ClientGone:
+            return  # nobody is reading
         except APIError as e:  # mid-stream the status is sent: the openai client raises on an error event
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield e.body().sse()
         finally:
             sub.abort()
 
-    def _models(self) -> list[dict[str, Any]]:
-        return [{"id": self.name, "object": "model", "created": self.created, "owned_by": "nanoseek",
-                 "max_model_len": self.engine.max_model_len}]
+    def _model_card(self) -> ModelCard:
+        return ModelCard(id=self.name, object="model", created=self.created, owned_by="nanoseek",
+                         max_model_len=self.engine.max_model_len)
 
     # ---- the app ---------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
@@ -791,30 +1052,31 @@ class Server:
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body().dump(), status_code=e.status)
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
             code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-            return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+            return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body().dump(),
+                                status_code=e.status_code)
 
         @app.exception_handler(Exception)
         async def internal_error(request: Request, e: Exception) -> JSONResponse:
             log.exception("internal error")
             return JSONResponse(APIError(500, f"Internal server error: {type(e).__name__}", "server_error",
-                                         code="internal_error").body(), status_code=500)
+                                         code="internal_error").body().dump(), status_code=500)
 
         @app.get("/v1/models")
         async def list_models(request: Request) -> JSONResponse:
             self._check_auth(request)
-            return JSONResponse({"object": "list", "data": self._models()})
+            return JSONResponse(ModelList(object="list", data=[self._model_card()]).dump())
 
         @app.get("/v1/models/{model:path}")
         async def get_model(model: str, request: Request) -> JSONResponse:
             self._check_auth(request)
             if model != self.name:
                 raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-            return JSONResponse(self._models()[0])
+            return JSONResponse(self._model_card().dump())
 
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -826,8 +1088,10 @@ class Server:
             return JSONResponse({"status": "ok"})
 
         @app.get("/metrics")
-        async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(self.metrics.render(self.worker), media_type="text/plain; version=0.0.4")
+        async def metrics(request: Request) -> Response:
+            # the library's content negotiation: OpenMetrics for a scraper that asks for it, else the text format
+            encode, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(encode(self.metrics.registry), media_type=content_type)
 
         web = resources.files("nanoseek.web")
         static = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -845,13 +1109,8 @@ class Server:
         return app
 
 
-async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
-    """After the body is read, the next ASGI message is http.disconnect: wake the waiting handler with it."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            queue.put_nowait(CLIENT_GONE)
-            return
+def _finish(out: RequestOutput) -> str | None:
+    return "stop" if out.finish_reason == "abort" else out.finish_reason  # an abort is the server's, not a reason
 
 
 def _finite(logprob: float) -> float:
@@ -859,17 +1118,32 @@ def _finite(logprob: float) -> float:
 
 
 class _Submission:
-    """The engine sequences of one HTTP request and the queue their deltas arrive on."""
+    """The engine sequences of one HTTP request, the queue their deltas arrive on, and a watch on its client."""
 
     def __init__(self, worker: EngineWorker) -> None:
         self.worker = worker
         self.queue: asyncio.Queue = asyncio.Queue()
         self.index: dict[str, int] = {}
         self.pending: set[str] = set()
+        self.watcher: asyncio.Task | None = None
 
     def add(self, rid: str) -> None:
         self.index[rid] = len(self.index)
         self.pending.add(rid)
+
+    def watch(self, request: Request) -> None:
+        """Abort as soon as the client disconnects, whether the handler waits, the stream runs or has not started
+        yet (a response that never starts never runs its body's `finally`), whatever the ASGI spec version."""
+
+        async def until_gone() -> None:
+            # the body has been read, so the next ASGI message is http.disconnect (also sent once the response is
+            # complete: the abort is then a no-op)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.queue.put_nowait(CLIENT_GONE)
+            self.abort()
+
+        self.watcher = asyncio.get_running_loop().create_task(until_gone())
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sequence index, delta) until every sequence has finished."""
@@ -885,39 +1159,12 @@ class _Submission:
             yield self.index[item.request_id], item
 
     def abort(self) -> None:
-        """Free the batch slots of unfinished sequences (client gone, error); a no-op once all finished."""
+        """Free the batch slots of unfinished sequences (client gone, error) and stop watching; idempotent."""
         for rid in self.pending:
             self.worker.abort(rid)
         self.pending.clear()
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events that always watch for the client leaving (whatever the ASGI spec version) and always
-    run `on_close`, so a disconnect aborts the engine sequences at once, not when the next token would be sent."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                async def listen() -> None:
-                    await self.listen_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(listen)
-        finally:
-            self.on_close()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class _CountResponses:
@@ -935,8 +1182,7 @@ class _CountResponses:
 
         async def counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                key = (path, message["status"])
-                self.metrics.http[key] = self.metrics.http.get(key, 0) + 1
+                self.metrics.http.labels(path=path, code=str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)

@@ -23,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoseek import build, synthetic
 from nanoseek.data import train_tokenizer
@@ -309,6 +310,24 @@ def test_bad_parameters_are_400_naming_the_param(client: openai.OpenAI, kw: dict
     assert e.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path, body, param, code", [
+    ("/v1/chat/completions", {"temperature": "0.5"}, "temperature", "invalid_type"),  # JSON types as sent
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": None}, "model", "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text", "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, 10**6]]}, "prompt[1][1]", "invalid_value"),  # not in the vocabulary
+    ("/v1/completions", {"prompt": {"text": "hi"}}, "prompt", "invalid_type"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo", "unsupported_parameter"),
+])
+def test_validation_errors_name_the_path_in_the_json(server, path: str, body: dict, param: str, code: str) -> None:
+    base = {"model": "tiny-r1", **({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {})}
+    status, err = raw(server[1], path, json.dumps({**base, **body}).encode())
+    assert status == 400 and (err["error"]["param"], err["error"]["code"]) == (param, code), err
+
+
 def test_neutral_values_of_unsupported_parameters_are_accepted(client: openai.OpenAI) -> None:
     r = chat(client, temperature=0, response_format={"type": "text"}, logit_bias={}, user="u1", store=False)
     assert r.choices[0].message.content == ANSWER
@@ -406,7 +425,9 @@ def test_metrics_and_page(server, client: openai.OpenAI) -> None:
                  "nanoseek_time_per_output_token_seconds_count", "nanoseek_e2e_request_latency_seconds_sum"):
         assert name in text
     assert int(re.search(r'nanoseek_requests_total\{finish_reason="stop"\} (\d+)', text).group(1)) >= 1
-    assert re.search(r'nanoseek_http_requests_total\{path="/v1/chat/completions",code="400"\} \d+', text)
+    # parsed, not matched: the order of the labels is prometheus_client's choice
+    assert any(s.name == "nanoseek_http_requests_total" and s.labels == {"path": "/v1/chat/completions", "code": "400"}
+               and s.value >= 1 for family in text_string_to_metric_families(text) for s in family.samples)
     with urllib.request.urlopen(url + "/") as r:
         page = r.read().decode()
     assert "/static/app.js" in page and "/static/style.css" in page
