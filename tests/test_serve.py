@@ -24,7 +24,7 @@ import openai
 import pytest
 import torch
 
-from nanoseek import build, synthetic
+from nanoseek import build, save_pretrained, synthetic
 from nanoseek.data import train_tokenizer
 from nanoseek.reasoning import END_THINK, StreamSplitter
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
@@ -53,7 +53,7 @@ def make_model_dir(root: Path, reasoning: str = REASONING, answer: str = ANSWER)
         model.lm_head.weight.zero_()
         for a, b in zip(chain, chain[1:]):
             model.lm_head.weight[b] = 0.5 * h[a]  # logit margin ~ 0.5 * hidden_size: deterministic even at T = 1
-    return model.save_pretrained(root / "model", tokenizer=root / "tok")
+    return save_pretrained(model, root / "model", tokenizer=root / "tok")
 
 
 @pytest.fixture(scope="module", autouse=True)
