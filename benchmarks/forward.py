@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from nanoseek import save_pretrained  # noqa: E402
 from nanoseek.model import ModelConfig, Transformer, build  # noqa: E402
 
 # Benchmark configs. "small" is the preset (minus MTP); "wide" doubles the width, heads and experts.
@@ -124,7 +125,7 @@ def load_hf(model: Transformer):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     return hf
 

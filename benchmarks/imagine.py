@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoseek import save_pretrained  # noqa: E402
 from nanoseek.janus import Janus, generate_image_tokens, janus_preset  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     cfg = ours.config
     prompt = [cfg.text.bos_token_id, *range(1000, 1020), cfg.boi_token_id]  # a 22-token prompt ending with BOI
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(Path(d) / "m")
+        save_pretrained(ours, Path(d) / "m")
         theirs = JanusForConditionalGeneration.from_pretrained(str(Path(d) / "m"), dtype=torch.float32).eval()
     theirs.model.vision_model.config.num_image_tokens = args.tokens  # the length of its image loop
     results: dict[str, Any] = {"layers": args.layers, "tokens": args.tokens, "images": args.images, "cfg": args.cfg,

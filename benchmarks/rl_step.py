@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanoseek import synthetic  # noqa: E402
+from nanoseek import save_pretrained, synthetic  # noqa: E402
 from nanoseek.data import train_tokenizer  # noqa: E402
 from nanoseek.files import read_jsonl  # noqa: E402
 from nanoseek.model import ModelConfig, build  # noqa: E402
@@ -56,7 +56,7 @@ def make_model_dir(root: Path, preset: str) -> Path:
     cfg = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model_dir = root / "model"
-    build(cfg).save_pretrained(model_dir, tokenizer=root / "tok")
+    save_pretrained(build(cfg), model_dir, tokenizer=root / "tok")
     return model_dir
 
 

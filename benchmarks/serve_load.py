@@ -80,7 +80,7 @@ def scripted_small_model(root: Path, reasoning_tokens: int) -> Path:
     """`small` preset, random weights, tokenizer trained on synthetic text, output scripted (see the docstring)."""
     import torch
 
-    from nanoseek import synthetic
+    from nanoseek import save_pretrained, synthetic
     from nanoseek.data import train_tokenizer
     from nanoseek.model import build
     from nanoseek.reasoning import END_THINK
@@ -107,7 +107,7 @@ def scripted_small_model(root: Path, reasoning_tokens: int) -> Path:
         model.lm_head.weight.zero_()
         for a, b in zip(chain, chain[1:]):
             model.lm_head.weight[b] = 0.1 * h[a]  # logit margin ~ 0.1 * hidden_size = 25: the script wins
-    return model.save_pretrained(root / "model", tokenizer=root / "tok")
+    return save_pretrained(model, root / "model", tokenizer=root / "tok")
 
 
 def free_port() -> int:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .model import MLP, Block, ModelConfig, MoE, MTPModule, Transformer, build
+from .weights import config_from_hf
 
 # ------------------------------------------------------------------------------------------------------------
 # GPU peaks
@@ -73,7 +74,7 @@ def _resolve(preset: str | None = None, model_dir: str | Path | None = None,
     if preset is not None:
         return ModelConfig.from_preset(preset), preset
     if model_dir is not None:
-        return ModelConfig.from_hf(model_dir), str(model_dir)
+        return config_from_hf(model_dir), str(model_dir)
     assert config is not None
     return config, "config"
 

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_dir, atomic_write
-from .model import ModelConfig, Transformer
-from .weights import from_hf_state_dict, load_state_dict, read_hf_state_dict, save_pretrained
+from .model import Transformer
+from .weights import config_from_hf, from_hf_state_dict, load_state_dict, read_hf_state_dict, save_pretrained
 
 FORMAT_VERSION = 1
 
@@ -176,7 +176,7 @@ def load_checkpoint(path: str | Path, model: Transformer,
     if not state_file.exists():
         raise FileNotFoundError(f"no trainer_state.json in {path}: not a nanoseek checkpoint")
     state = json.loads(state_file.read_text())
-    saved_cfg = ModelConfig.from_hf(path / "config.json")
+    saved_cfg = config_from_hf(path / "config.json")
     if saved_cfg != model.config:
         diff = {k: (v, getattr(model.config, k)) for k, v in saved_cfg.to_dict().items()
                 if getattr(model.config, k) != v}

@@ -711,7 +711,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     from .data import prepare
     from .model import ModelConfig
     from .train import TrainConfig, train
-    from .weights import load
+    from .weights import config_from_hf, load, save_pretrained
 
     if (cfg.student is None) == (cfg.preset is None):
         raise ValueError("give exactly one of --student DIR or --preset NAME")
@@ -742,7 +742,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     data_dir = out / "data"
     manifest = prepare([src], tok_dir, data_dir, sft=True, overwrite=True)
     given = {o.split("=", 1)[0].strip() for o in cfg.overrides if "=" in o}
-    mcfg = ModelConfig.from_hf(Path(cfg.student) / "config.json") if cfg.student else ModelConfig.from_preset(
+    mcfg = config_from_hf(Path(cfg.student) / "config.json") if cfg.student else ModelConfig.from_preset(
         cfg.preset)
     defaults: dict[str, Any] = {"data": str(data_dir), "tokenizer": str(tok_dir), "out": str(out),
                                 "model": cfg.student, "preset": cfg.preset or "small"}
@@ -766,8 +766,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     result = train(tcfg)
     ckpt = latest_checkpoint(out)
     model = load(ckpt, device=tcfg.device, dtype=torch.float32)
-    final = model.save_pretrained(out / "final", tokenizer=tok_dir,
-                                  meta={"stage": "distill_sft", "traces": str(src)})
+    final = save_pretrained(model, out / "final", tokenizer=tok_dir,
+                            meta={"stage": "distill_sft", "traces": str(src)})
     flops_per_token = accounting.flops_per_token(model.config, tcfg.seq_len, training=True, mtp=tcfg.mtp_lambda > 0)
     trained_tokens = result["step"] * tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
     summary = {"traces": len(lengths), "trace_tokens_mean": sum(lengths) / len(lengths),
@@ -947,7 +947,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
     from .device import resolve_device, resolve_dtype
     from .infer import Engine
     from .train import TrainConfig, build_optimizers, lr_at, set_lr
-    from .weights import load
+    from .weights import load, save_pretrained
 
     device = resolve_device(cfg.device)
     autocast = autocast_factory(device, resolve_dtype(cfg.dtype, device, training=True))
@@ -1095,9 +1095,8 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
                                 extra={"kd_config": dataclasses.asdict(cfg)})
     summary["kl_end"] = eval_kl()
     append_jsonl(out / "metrics.jsonl", {"step": step + 1, "eval_kl": summary["kl_end"]})
-    final = student.save_pretrained(out / "final", tokenizer=cfg.student,
-                                    meta={"stage": "distill_kd", "teacher": cfg.teacher,
-                                          "divergence": cfg.divergence})
+    final = save_pretrained(student, out / "final", tokenizer=cfg.student,
+                            meta={"stage": "distill_kd", "teacher": cfg.teacher, "divergence": cfg.divergence})
     summary.update({"steps": step + 1, "final_model": str(final), "train_flops_this_run": flops,
                     "elapsed_s": time.perf_counter() - t_run})
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -1003,8 +1003,8 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
     device (nanoseek.device); dtype: weights and KV cache ("auto": bf16 on CUDA, fp32 on a CPU)."""
     import json
 
+    from . import load  # any model directory: a Janus one too (its LLM generates below)
     from .device import resolve_device, resolve_dtype
-    from .weights import load
 
     model_dir = Path(model_dir)
     dev = resolve_device(device)

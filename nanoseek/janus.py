@@ -15,18 +15,18 @@ one autoregressive LLM (DeepSeek-LLM: `ModelConfig(attention="mha")`, or any nan
                                                      (576 tokens, classifier-free guidance) -> VQ decoder -> pixels
 
 ConfigS -> SigLIP ViT -> aligner MLP -> VQ model (encoder, quantizer, decoder) -> generation head -> Janus (the model)
--> classifier-free guidance sampling -> checkpoint key layouts (transformers' JanusForConditionalGeneration and
-DeepSeek's MultiModalityCausalLM). Module names follow transformers' checkpoint keys, so that layout maps 1:1;
-files, images and the CLI live in nanoseek/imagine.py. Where DeepSeek's code and transformers differ, it is said
-where it matters (docs/janus.md): VQ *encoding* follows DeepSeek (cosine nearest code, as LlamaGen trained it).
+-> classifier-free guidance sampling. The math only, like model.py: module names follow transformers' checkpoint keys,
+so that layout maps 1:1; the config.json and checkpoint layouts (transformers' JanusForConditionalGeneration and
+DeepSeek's MultiModalityCausalLM), files, images and the CLI live in nanoseek/imagine.py. Where DeepSeek's code and
+transformers differ, it is said where it matters (docs/janus.md): VQ *encoding* follows DeepSeek (cosine nearest
+code, as LlamaGen trained it).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,9 @@ class VQConfig:
 
 @dataclass
 class JanusConfig:
+    """The whole model; its config.json forms (transformers' and DeepSeek's) are read and written by
+    nanoseek.imagine (janus_config_from_hf, janus_config_to_hf, janus_config_from_original)."""
+
     text: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("janus-pro-1b-llm"))
     vision: VisionConfig = field(default_factory=VisionConfig)
     vq: VQConfig = field(default_factory=VQConfig)
@@ -122,79 +125,6 @@ class JanusConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
-
-    # transformers' JanusConfig (model_type "janus") ----------------------------------------------------------
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> JanusConfig:
-        def pick(klass: type, d: dict[str, Any]) -> Any:
-            names = {f.name for f in fields(klass)}
-            return klass(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in d.items() if k in names})
-
-        vd, qd = dict(hf.get("vision_config") or {}), dict(hf.get("vq_config") or {})
-        if vd.get("use_qk_norm"):
-            raise ValueError("vision_config.use_qk_norm=true is not supported (Janus-Pro has no qk norm)")
-        if qd.get("double_latent"):
-            raise ValueError("vq_config.double_latent=true is not supported (VQ-16 has a single latent)")
-        for d, what in ((vd, "vision_config"), (qd, "vq_config")):
-            if d.get("hidden_act", "gelu") != "gelu":
-                raise ValueError(f"{what}.hidden_act={d['hidden_act']!r} is not supported (only gelu)")
-        text = dict(hf.get("text_config") or {})
-        text.setdefault("model_type", "llama")
-        # transformers ties lm_head to the embeddings by the top-level flag (JanusConfig default: true); the loader
-        # unties it when a checkpoint carries a different lm_head (transformers' rule, see imagine.load_janus)
-        text["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", True))
-        gen = generation or {}
-        ids = {k: gen[k] for k in ("boi_token_id", "pad_token_id") if gen.get(k) is not None}
-        if hf.get("image_token_id") is not None:
-            ids["image_token_id"] = hf["image_token_id"]
-        return cls(text=ModelConfig.from_hf(text), vision=pick(VisionConfig, vd), vq=pick(VQConfig, qd), **ids)
-
-    def to_hf(self) -> dict[str, Any]:
-        text = self.text.to_hf()
-        text.pop("architectures", None)
-        vision = {**asdict(self.vision), "hidden_act": "gelu", "use_qk_norm": False, "model_type": "janus_vision_model"}
-        vq = {**asdict(self.vq), "channel_multiplier": list(self.vq.channel_multiplier), "hidden_act": "gelu",
-              "double_latent": False, "num_patches": self.vision.grid, "model_type": "janus_vqgan"}
-        return {"architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "text_config": text,
-                "vision_config": vision, "vq_config": vq, "image_token_id": self.image_token_id,
-                "tie_word_embeddings": self.text.tie_word_embeddings}
-
-    # DeepSeek's MultiModalityConfig (model_type "multi_modality") ---------------------------------------------
-    @classmethod
-    def from_original(cls, d: dict[str, Any]) -> JanusConfig:
-        def params(key: str) -> dict[str, Any]:
-            return dict((d.get(key) or {}).get("params") or {})
-
-        vp, ap, gvp, gap, ghp = (params(k) for k in ("vision_config", "aligner_config", "gen_vision_config",
-                                                     "gen_aligner_config", "gen_head_config"))
-        name = vp.get("model_name", "siglip_large_patch16_384")
-        if name != "siglip_large_patch16_384":
-            raise ValueError(f"vision model {name!r} is not supported (Janus-Pro: siglip_large_patch16_384)")
-        gen_cls = (d.get("gen_vision_config") or {}).get("cls", "VQ-16")
-        if gen_cls != "VQ-16":
-            raise ValueError(f"generation tokenizer {gen_cls!r} is not supported (Janus-Pro: VQ-16)")
-        for p, what in ((ap, "aligner"), (gap, "gen_aligner")):
-            if p.get("projector_type", "mlp_gelu") != "mlp_gelu":
-                raise ValueError(f"{what} projector_type {p['projector_type']!r} is not supported (only mlp_gelu)")
-        select = vp.get("select_layer", -1)  # siglip_vit.create_siglip_vit: the first N blocks are kept
-        layers = min(24, 24 + select + 1) if select <= 0 else min(24, select)
-        image_size = vp.get("image_size", 384)
-        text = dict(d.get("language_config") or {})
-        text.setdefault("model_type", "llama")
-        # DeepSeek's config names the towers (siglip_large_patch16_384, VQ-16) and their code fixes the widths;
-        # a "nanoseek" entry may override them (test-sized checkpoints in this layout; DeepSeek's code ignores it)
-        extra = d.get("nanoseek") or {}
-        vo, qo = dict(extra.get("vision") or {}), dict(extra.get("vq") or {})
-        patch = vo.get("patch_size", 16)
-        vision = VisionConfig(**{"num_hidden_layers": layers, "image_size": image_size,
-                                 "projection_dim": ap.get("n_embed", 2048), "depth": ap.get("depth", 2),
-                                 "num_image_tokens": (image_size // patch) ** 2, **vo})
-        vq = VQConfig(**{"embed_dim": gvp.get("n_embed", 8), "num_embeddings": gvp.get("image_token_size", 16384),
-                         "projection_dim": gap.get("n_embed", 2048), "num_hidden_layers": gap.get("depth", 2),
-                         "image_token_embed_dim": ghp.get("n_embed", 2048), **qo})
-        if ghp.get("image_token_embed", vq.image_token_embed_dim) != vq.projection_dim:
-            raise ValueError("gen_head image_token_embed must equal the LLM width (transformers' layout)")
-        return cls(text=ModelConfig.from_hf(text), vision=vision, vq=vq)
 
 
 def _tiny_text() -> ModelConfig:
@@ -561,12 +491,6 @@ class Janus(nn.Module):
         `vqmodel.decode` (imagine.to_pil turns it into images)."""
         return self.vqmodel.decode(image_ids)
 
-    def save_pretrained(self, path: Any, **kwargs: Any) -> Any:
-        """Write transformers' JanusForConditionalGeneration layout (nanoseek.imagine.save_janus)."""
-        from .imagine import save_janus
-
-        return save_janus(self, path, **kwargs)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image generation with classifier-free guidance (Janus section 3.2; DeepSeek's generation_inference.py)
@@ -655,96 +579,4 @@ def generate_image_tokens_reference(model: Janus, prompts: Sequence[Sequence[int
         out[:, i] = tok = _next_tokens(model.generation_head(h[:, -1]), B, cfg_weight, temperature, g)
         x = torch.cat([x, model.embed_image_tokens(tok.repeat(2))[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint key layouts. nanoseek names = transformers' keys without the `model.` prefix, the LLM under
-# `language_model.` in nanoseek's own trunk names (weights.py maps those to HF). DeepSeek's original layout is
-# renamed to transformers' first (the table below, read off siglip_vit.py, vq_model.py and modeling_vlm.py).
-
-
-def to_hf_state_dict(model: Janus) -> dict[str, torch.Tensor]:
-    from .weights import to_hf_state_dict as lm_to_hf
-
-    out = {("model." + k): t for k, t in model.state_dict().items() if not k.startswith("language_model.")}
-    for k, t in lm_to_hf(model.language_model).items():  # model.layers... / lm_head.weight
-        out[k if k.startswith("lm_head.") else "model.language_model." + k.removeprefix("model.")] = t
-    return out
-
-
-def from_hf_state_dict(cfg: JanusConfig, hf: dict[str, torch.Tensor]
-                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """transformers' keys -> (nanoseek state dict, unexpected keys)."""
-    from .weights import from_hf_state_dict as lm_from_hf
-
-    sd, lm, unexpected = {}, {}, []
-    for k, t in hf.items():
-        if k.startswith("model.language_model."):
-            lm["model." + k.removeprefix("model.language_model.")] = t
-        elif k.startswith("lm_head."):
-            lm[k] = t
-        elif k.startswith("model."):
-            sd[k.removeprefix("model.")] = t
-        else:
-            unexpected.append(k)
-    lm_sd, lm_unexpected = lm_from_hf(cfg.text, lm)
-    sd.update({"language_model." + k: t for k, t in lm_sd.items()})
-    return sd, unexpected + ["model.language_model." + k.removeprefix("model.") for k in lm_unexpected]
-
-
-# DeepSeek's MultiModalityCausalLM -> transformers' JanusForConditionalGeneration: (pattern, replacement), applied
-# in order to each key; None drops the key (attention pooling head and codebook usage counter: unused at inference)
-ORIGINAL_TO_HF: list[tuple[str, str | None]] = [
-    (r"^vision_model\.vision_tower\.attn_pool\..*$", None),
-    (r"^gen_vision_model\.quantize\.codebook_used$", None),
-    (r"^vision_model\.vision_tower\.pos_embed$", "model.vision_model.embeddings.position_embedding.weight"),
-    (r"^vision_model\.vision_tower\.patch_embed\.proj\.", "model.vision_model.embeddings.patch_embedding."),
-    (r"^vision_model\.vision_tower\.norm\.", "model.vision_model.post_layernorm."),
-    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.norm(\d)\.", r"model.vision_model.encoder.layers.\1.layer_norm\2."),
-    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.attn\.qkv\.",
-     r"model.vision_model.encoder.layers.\1.self_attn.qkv."),  # split into q/k/v below
-    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.attn\.proj\.",
-     r"model.vision_model.encoder.layers.\1.self_attn.projection_layer."),
-    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.mlp\.", r"model.vision_model.encoder.layers.\1.mlp."),
-    (r"^aligner\.layers\.0\.", "model.aligner.fc1."),
-    (r"^aligner\.layers\.(\d+)\.", lambda m: f"model.aligner.hidden_layers.{int(m.group(1)) // 2 - 1}."),  # type: ignore[list-item]
-    (r"^gen_aligner\.layers\.0\.", "model.generation_aligner.fc1."),
-    (r"^gen_aligner\.layers\.(\d+)\.",
-     lambda m: f"model.generation_aligner.hidden_layers.{int(m.group(1)) // 2 - 1}."),  # type: ignore[list-item]
-    (r"^gen_embed\.", "model.generation_embeddings."),
-    (r"^gen_head\.output_mlp_projector\.", "model.generation_head.proj_out."),
-    (r"^gen_head\.vision_head\.", "model.generation_head.vision_head."),
-    (r"^gen_vision_model\.(encoder|decoder)\.mid\.0\.", r"gen_vision_model.\1.mid.block_1."),
-    (r"^gen_vision_model\.(encoder|decoder)\.mid\.1\.", r"gen_vision_model.\1.mid.attn_1."),
-    (r"^gen_vision_model\.(encoder|decoder)\.mid\.2\.", r"gen_vision_model.\1.mid.block_2."),
-    (r"^gen_vision_model\.encoder\.conv_blocks\.", "gen_vision_model.encoder.down."),
-    (r"^gen_vision_model\.decoder\.conv_blocks\.", "gen_vision_model.decoder.up."),
-    (r"^(gen_vision_model\.(?:encoder|decoder)\.(?:down|up)\.\d+)\.res\.", r"\1.block."),
-    (r"^gen_vision_model\.", "model.vqmodel."),
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^language_model\.lm_head\.", "lm_head."),
-]
-
-
-def original_to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DeepSeek's layout -> transformers' keys: renames, timm's fused qkv split in three, pos_embed (1, N, C) ->
-    (N, C). Keys that match no rule are kept as they are (and reported as unexpected by the loader)."""
-    out: dict[str, torch.Tensor] = {}
-    for k, t in sd.items():
-        name: str | None = k
-        for pat, rep in ORIGINAL_TO_HF:
-            if re.search(pat, name):  # type: ignore[arg-type]
-                name = None if rep is None else re.sub(pat, rep, name)  # type: ignore[arg-type]
-                if name is None or name.startswith(("model.", "lm_head.")):
-                    break
-        if name is None:
-            continue
-        if ".self_attn.qkv." in name:
-            for part, x in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
-                out[name.replace(".qkv.", f".{part}.")] = x.contiguous()
-        elif name.endswith("position_embedding.weight"):
-            out[name] = t.reshape(-1, t.shape[-1])
-        else:
-            out[name] = t
     return out

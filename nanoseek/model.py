@@ -15,10 +15,8 @@ followed (see docs/architecture.md, "Deviations").
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,7 +176,7 @@ class ModelConfig:
             return None
         return rs
 
-    # serialisation ------------------------------------------------------------------------------------------
+    # serialisation (the HF config.json form is nanoseek.weights' config_from_hf / config_to_hf) ---------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -199,160 +197,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
         return replace(PRESETS[name], **overrides) if overrides else replace(PRESETS[name])
-
-    @classmethod
-    def from_hf(cls, src: dict[str, Any] | str | Path) -> ModelConfig:
-        """Read an HF `config.json` (dict, file or model directory) of DeepseekV3/DeepseekV2ForCausalLM, or of
-        LlamaForCausalLM (DeepSeek-LLM: the dense MHA trunk).
-
-        Accepts both the official `rope_theta` + `rope_scaling` keys and the `rope_parameters` dict that
-        transformers 5 writes.
-        """
-        if not isinstance(src, dict):
-            p = Path(src)
-            p = p / "config.json" if p.is_dir() else p
-            if not p.exists():
-                raise FileNotFoundError(f"no config.json at {p}")
-            src = json.loads(p.read_text())
-        hf = dict(src)
-        mt = hf.get("model_type")
-        if mt not in ("deepseek_v3", "deepseek_v2", "llama"):
-            raise ValueError(f"unsupported model_type {mt!r} in config.json (supported: deepseek_v3, deepseek_v2, "
-                             "llama)")
-        if mt == "llama":
-            return cls._from_llama(hf)
-        if hf.get("moe_layer_freq", 1) != 1:
-            raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1, as in V2/V3)")
-        nkv = hf.get("num_key_value_heads")
-        if nkv is not None and nkv != hf["num_attention_heads"]:
-            raise ValueError(f"num_key_value_heads ({nkv}) must equal num_attention_heads for MLA")
-        # RoPE: official form (rope_theta + rope_scaling) or transformers 5 (rope_parameters)
-        rope_theta = hf.get("rope_theta")
-        rope_scaling = hf.get("rope_scaling")
-        rp = hf.get("rope_parameters")
-        if rp:
-            rp = dict(rp)
-            rope_theta = rp.pop("rope_theta", rope_theta)
-            kind = rp.pop("rope_type", rp.pop("type", "default"))
-            rp.pop("partial_rotary_factor", None)
-            rope_scaling = None if kind == "default" else {"type": kind, **rp}
-        elif rope_scaling:
-            rope_scaling = dict(rope_scaling)
-            if "rope_type" in rope_scaling and "type" not in rope_scaling:
-                rope_scaling["type"] = rope_scaling.pop("rope_type")
-        v2 = mt == "deepseek_v2"
-        defaults = cls()
-        out: dict[str, Any] = {"model_type": mt, "rope_theta": float(rope_theta or 10000.0),
-                               "rope_scaling": rope_scaling}
-        for f in fields(cls):
-            if f.name in out or f.name not in hf or hf[f.name] is None and f.name != "q_lora_rank" \
-                    or f.name in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only (MLA: checked above)
-                continue
-            out[f.name] = hf[f.name]
-        if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-            out["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-        if v2:
-            out.setdefault("scoring_func", "softmax")
-            out.setdefault("topk_method", "greedy")
-            out.setdefault("num_nextn_predict_layers", 0)
-            out["norm_topk_prob"] = False  # transformers' V2 router never renormalises (DeepSeek's V2 code: optional)
-            out.setdefault("rope_interleave", True)  # V2 always rotates interleaved pairs
-            out.setdefault("aux_loss_alpha", 0.0)
-            out.setdefault("first_k_dense_replace", 0)
-        else:
-            out["scoring_func"] = "sigmoid"  # transformers' V3 router is sigmoid-only
-            out["topk_method"] = "noaux_tc"
-            out.setdefault("num_nextn_predict_layers", 0)
-        if out.get("topk_method") == "greedy" or not hf.get("n_group"):
-            out["n_group"], out["topk_group"] = 1, 1
-        if "q_lora_rank" in hf:
-            out["q_lora_rank"] = hf["q_lora_rank"]
-        if "max_position_embeddings" not in out:
-            out["max_position_embeddings"] = defaults.max_position_embeddings
-        return cls(**out)
-
-    @classmethod
-    def _from_llama(cls, hf: dict[str, Any]) -> ModelConfig:
-        """DeepSeek-LLM's LlamaForCausalLM config: MHA, dense SwiGLU MLPs, rotate-half RoPE, no MTP."""
-        for key, ok in (("hidden_act", "silu"), ("mlp_bias", False), ("pretraining_tp", 1)):
-            if hf.get(key, ok) not in (ok, None):
-                raise ValueError(f"{key}={hf[key]!r} is not supported for a llama config (only {ok!r})")
-        rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rp.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-        kind = rp.pop("rope_type", rp.pop("type", "default"))
-        if kind not in ("default", "yarn"):
-            raise ValueError(f"rope type {kind!r} is not supported (accepted: default, yarn)")
-        rp.pop("partial_rotary_factor", None)
-        L, H = hf["num_hidden_layers"], hf["num_attention_heads"]
-        out: dict[str, Any] = dict(
-            model_type="llama", attention="mha", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_hidden_layers=L, num_attention_heads=H,
-            num_key_value_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim"),
-            n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=L, num_nextn_predict_layers=0,
-            n_group=1, topk_group=1, q_lora_rank=None, aux_loss_alpha=0.0, rope_theta=float(theta),
-            rope_scaling={"type": kind, **rp} if kind == "yarn" else None,
-            rope_interleave=False,  # Llama rotates halves (rotate_half), not interleaved pairs
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), initializer_range=hf.get("initializer_range", 0.02),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if k in hf:
-                out[k] = hf[k]
-        if out["head_dim"] == out["hidden_size"] // H:
-            out["head_dim"] = None
-        if out["num_key_value_heads"] == H:
-            out["num_key_value_heads"] = None
-        return cls(**out)
-
-    def _to_llama(self) -> dict[str, Any]:
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.kv_heads,
-            "head_dim": self.attn_head_dim, "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": dict(self.rope_scaling) if self.yarn else None,
-            "attention_bias": self.attention_bias, "mlp_bias": False, "attention_dropout": 0.0,
-            "initializer_range": self.initializer_range, "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "use_cache": True, "pretraining_tp": 1,
-        }
-
-    def to_hf(self) -> dict[str, Any]:
-        """The official config.json form (`rope_theta` + `rope_scaling`), readable by transformers 4 and 5."""
-        if self.model_type == "llama":
-            if self.attention != "mha" or self.has_moe or self.n_routed_experts:
-                raise ValueError("a llama config.json describes a dense MHA model (attention='mha', no experts)")
-            return self._to_llama()
-        if self.attention != "mla":
-            raise ValueError(f"{self.model_type} checkpoints use MLA: attention='mha' needs model_type='llama'")
-        v3 = self.model_type == "deepseek_v3"
-        d: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-            "model_type": self.model_type,
-            "num_key_value_heads": self.num_attention_heads,
-            "hidden_act": "silu",
-            "moe_layer_freq": 1,
-            "use_cache": True,
-            "attention_dropout": 0.0,
-            "pretraining_tp": 1,
-        }
-        for f in fields(self):
-            if f.name not in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only fields
-                d[f.name] = getattr(self, f.name)
-        d["rope_scaling"] = dict(self.rope_scaling) if self.yarn else None
-        d["seq_aux"] = True
-        if v3:
-            d["ep_size"] = 1
-        else:
-            d.pop("num_nextn_predict_layers")
-            d.pop("rope_interleave")
-            if self.num_nextn_predict_layers:
-                raise ValueError("DeepSeek-V2 checkpoints have no MTP modules; set num_nextn_predict_layers=0")
-        return d
 
 
 def _preset_small_moe(**kw: Any) -> ModelConfig:
@@ -1179,12 +1023,6 @@ class Transformer(nn.Module):
                 r.e_score_correction_bias += gamma * torch.sign(l.mean() - l)
             r.expert_load.zero_()
         return self.max_violation(load)
-
-    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
-        """Write an HF-format directory (see nanoseek.weights.save_pretrained); I/O lives outside this file."""
-        from .weights import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """All parameters, MTP modules included (nanoseek.accounting has the per-component/activated counts)."""

@@ -17,8 +17,8 @@ import torch
 from . import __version__, accounting
 from .eval import per_item
 from .files import read_jsonl
-from .model import ModelConfig
 from .stats import paired_difference
+from .weights import config_from_hf
 
 
 def _pct(x: float | None) -> str:
@@ -102,7 +102,7 @@ def write_report(root: Path, plan: Any) -> Path:
     # ---- the model
     base = root / "models" / "base"
     if (base / "config.json").exists():
-        cfg = ModelConfig.from_hf(base / "config.json")
+        cfg = config_from_hf(base / "config.json")
         counts = accounting.count_params(cfg)
         kv = accounting.kv_cache_bytes(cfg)
         narrowed = " with " + ", ".join(f"{k}={v}" for k, v in plan.model_overrides.items()) \
@@ -189,7 +189,7 @@ def write_report(root: Path, plan: Any) -> Path:
             stage_summary["rl_minus_base"] = {"pass@1": d1, "greedy": dg}
         student = root / "models" / "student" / "config.json"
         if "student" in results and student.exists():
-            scfg = ModelConfig.from_hf(student)
+            scfg = config_from_hf(student)
             traces = stages.get("distill", {}).get("traces")
             lines += [f"The student ({scfg.num_hidden_layers} layers, hidden {scfg.hidden_size}, "
                       f"{accounting.count_params(scfg)['total']:,} parameters) starts from random weights and sees "

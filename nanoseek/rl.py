@@ -39,6 +39,7 @@ from .stats import derive_seed
 from .tokenizer import Tokenizer
 from .train import set_lr
 from .weights import load as load_model
+from .weights import save_pretrained
 
 PROMPT_FORMATS = ("chat", "r1_zero")
 
@@ -447,8 +448,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         summary["eval_end"] = {k: v for k, v in ev.items() if k != "correct"}
         append_jsonl(out / "metrics.jsonl",
                      {"step": step + 1, "eval_accuracy": ev["accuracy"], "eval_len": ev["mean_len"]})
-    final = model.save_pretrained(out / "final", tokenizer=cfg.model,
-                                  meta={"stage": "rl", "prompt_format": cfg.prompt_format, "task": cfg.task})
+    final = save_pretrained(model, out / "final", tokenizer=cfg.model,
+                            meta={"stage": "rl", "prompt_format": cfg.prompt_format, "task": cfg.task})
     summary.update({"steps": step + 1, "final_model": str(final), "reward_failures": dict(rewarder.failures)})
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_rl(out / "metrics.jsonl", out / "rl.png")

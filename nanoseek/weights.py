@@ -1,4 +1,5 @@
-"""HF-format model directories: load and save DeepSeek-V3/V2 checkpoints, key mapping, FP8 dequantisation.
+"""HF-format model directories: load and save DeepSeek-V3/V2 (and DeepSeek-LLM) checkpoints, the config.json
+adapter (`config_from_hf`, `config_to_hf`), key mapping, FP8 dequantisation. Janus directories: nanoseek.imagine.
 
 Directory layout (docs/architecture.md): `config.json` (official keys; nanoseek's own extras under the
 `"nanoseek"` key, which transformers ignores), `model.safetensors` or shards + `model.safetensors.index.json`,
@@ -23,6 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._version import __version__
 from .model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,166 @@ _HF_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down
 
 class CheckpointError(ValueError):
     """A checkpoint directory does not match what nanoseek expects; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(src: dict[str, Any] | str | Path) -> ModelConfig:
+    """Read an HF `config.json` (dict, file or model directory) of DeepseekV3/DeepseekV2ForCausalLM, or of
+    LlamaForCausalLM (DeepSeek-LLM: the dense MHA trunk).
+
+    Accepts both the official `rope_theta` + `rope_scaling` keys and the `rope_parameters` dict that
+    transformers 5 writes.
+    """
+    if not isinstance(src, dict):
+        p = Path(src)
+        p = p / "config.json" if p.is_dir() else p
+        if not p.exists():
+            raise FileNotFoundError(f"no config.json at {p}")
+        src = json.loads(p.read_text())
+    hf = dict(src)
+    mt = hf.get("model_type")
+    if mt not in ("deepseek_v3", "deepseek_v2", "llama"):
+        raise ValueError(f"unsupported model_type {mt!r} in config.json (supported: deepseek_v3, deepseek_v2, "
+                         "llama)")
+    if mt == "llama":
+        return _config_from_llama(hf)
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1, as in V2/V3)")
+    nkv = hf.get("num_key_value_heads")
+    if nkv is not None and nkv != hf["num_attention_heads"]:
+        raise ValueError(f"num_key_value_heads ({nkv}) must equal num_attention_heads for MLA")
+    # RoPE: official form (rope_theta + rope_scaling) or transformers 5 (rope_parameters)
+    rope_theta = hf.get("rope_theta")
+    rope_scaling = hf.get("rope_scaling")
+    rp = hf.get("rope_parameters")
+    if rp:
+        rp = dict(rp)
+        rope_theta = rp.pop("rope_theta", rope_theta)
+        kind = rp.pop("rope_type", rp.pop("type", "default"))
+        rp.pop("partial_rotary_factor", None)
+        rope_scaling = None if kind == "default" else {"type": kind, **rp}
+    elif rope_scaling:
+        rope_scaling = dict(rope_scaling)
+        if "rope_type" in rope_scaling and "type" not in rope_scaling:
+            rope_scaling["type"] = rope_scaling.pop("rope_type")
+    v2 = mt == "deepseek_v2"
+    defaults = ModelConfig()
+    out: dict[str, Any] = {"model_type": mt, "rope_theta": float(rope_theta or 10000.0),
+                           "rope_scaling": rope_scaling}
+    for f in fields(ModelConfig):
+        if f.name in out or f.name not in hf or hf[f.name] is None and f.name != "q_lora_rank" \
+                or f.name in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only (MLA: checked above)
+            continue
+        out[f.name] = hf[f.name]
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        out["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    if v2:
+        out.setdefault("scoring_func", "softmax")
+        out.setdefault("topk_method", "greedy")
+        out.setdefault("num_nextn_predict_layers", 0)
+        out["norm_topk_prob"] = False  # transformers' V2 router never renormalises (DeepSeek's V2 code: optional)
+        out.setdefault("rope_interleave", True)  # V2 always rotates interleaved pairs
+        out.setdefault("aux_loss_alpha", 0.0)
+        out.setdefault("first_k_dense_replace", 0)
+    else:
+        out["scoring_func"] = "sigmoid"  # transformers' V3 router is sigmoid-only
+        out["topk_method"] = "noaux_tc"
+        out.setdefault("num_nextn_predict_layers", 0)
+    if out.get("topk_method") == "greedy" or not hf.get("n_group"):
+        out["n_group"], out["topk_group"] = 1, 1
+    if "q_lora_rank" in hf:
+        out["q_lora_rank"] = hf["q_lora_rank"]
+    if "max_position_embeddings" not in out:
+        out["max_position_embeddings"] = defaults.max_position_embeddings
+    return ModelConfig(**out)
+
+
+def _config_from_llama(hf: dict[str, Any]) -> ModelConfig:
+    """DeepSeek-LLM's LlamaForCausalLM config: MHA, dense SwiGLU MLPs, rotate-half RoPE, no MTP."""
+    for key, ok in (("hidden_act", "silu"), ("mlp_bias", False), ("pretraining_tp", 1)):
+        if hf.get(key, ok) not in (ok, None):
+            raise ValueError(f"{key}={hf[key]!r} is not supported for a llama config (only {ok!r})")
+    rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rp.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    kind = rp.pop("rope_type", rp.pop("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise ValueError(f"rope type {kind!r} is not supported (accepted: default, yarn)")
+    rp.pop("partial_rotary_factor", None)
+    L, H = hf["num_hidden_layers"], hf["num_attention_heads"]
+    out: dict[str, Any] = dict(
+        model_type="llama", attention="mha", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=L, num_attention_heads=H,
+        num_key_value_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim"),
+        n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=L, num_nextn_predict_layers=0,
+        n_group=1, topk_group=1, q_lora_rank=None, aux_loss_alpha=0.0, rope_theta=float(theta),
+        rope_scaling={"type": kind, **rp} if kind == "yarn" else None,
+        rope_interleave=False,  # Llama rotates halves (rotate_half), not interleaved pairs
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), initializer_range=hf.get("initializer_range", 0.02),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in hf:
+            out[k] = hf[k]
+    if out["head_dim"] == out["hidden_size"] // H:
+        out["head_dim"] = None
+    if out["num_key_value_heads"] == H:
+        out["num_key_value_heads"] = None
+    return ModelConfig(**out)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The official config.json form (`rope_theta` + `rope_scaling`), readable by transformers 4 and 5."""
+    if cfg.model_type == "llama":
+        if cfg.attention != "mha" or cfg.has_moe or cfg.n_routed_experts:
+            raise ValueError("a llama config.json describes a dense MHA model (attention='mha', no experts)")
+        return _config_to_llama(cfg)
+    if cfg.attention != "mla":
+        raise ValueError(f"{cfg.model_type} checkpoints use MLA: attention='mha' needs model_type='llama'")
+    v3 = cfg.model_type == "deepseek_v3"
+    d: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": cfg.model_type,
+        "num_key_value_heads": cfg.num_attention_heads,
+        "hidden_act": "silu",
+        "moe_layer_freq": 1,
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+    }
+    for f in fields(cfg):
+        if f.name not in ("attention", "num_key_value_heads", "head_dim"):  # MHA-only fields
+            d[f.name] = getattr(cfg, f.name)
+    d["rope_scaling"] = dict(cfg.rope_scaling) if cfg.yarn else None
+    d["seq_aux"] = True
+    if v3:
+        d["ep_size"] = 1
+    else:
+        d.pop("num_nextn_predict_layers")
+        d.pop("rope_interleave")
+        if cfg.num_nextn_predict_layers:
+            raise ValueError("DeepSeek-V2 checkpoints have no MTP modules; set num_nextn_predict_layers=0")
+    return d
+
+
+def _config_to_llama(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.attn_head_dim, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.yarn else None,
+        "attention_bias": cfg.attention_bias, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": cfg.initializer_range, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "use_cache": True, "pretraining_tp": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,17 +430,14 @@ def read_nanoseek_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_file.read_text()).get("nanoseek", {}) if cfg_file.exists() else {}
 
 
-def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
-         revision: str | None = None) -> Any:
-    """Load an HF-format DeepseekV3/V2 (or DeepSeek-LLM) directory, nanoseek's own or an official checkpoint, as a
-    nanoseek Transformer; a Janus directory (either layout) as a nanoseek.janus.Janus (nanoseek.imagine). `path`
-    may also be a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`, at `revision`): nanoseek.hub fetches it into
-    the shared cache once.
+JANUS_MODEL_TYPES = ("janus", "multi_modality")  # transformers' and DeepSeek's Janus layouts (nanoseek.imagine)
 
-    device None: nanoseek.device.default_device() (CUDA if available, else CPU). Tensors are read on the host and
-    copied into the model's storage on `device`. dtype None keeps the checkpoint's floating dtype (fp32 for
-    nanoseek's own files, bf16 for FP8 checkpoints).
-    """
+
+def open_model_dir(path: str | Path, device: torch.device | str | None = None, *,
+                   revision: str | None = None) -> tuple[Path, torch.device, str | None]:
+    """(local directory, device, config.json's model_type) of a model directory or Hugging Face Hub id (fetched
+    into the shared cache once, at `revision`), checked before a tensor is read: a directory with a readable
+    config.json, and a device that can hold weights. device None: nanoseek.device.default_device()."""
     from .device import resolve_device
     from .hub import resolve_model_dir
 
@@ -295,11 +455,25 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
-    if model_type in ("janus", "multi_modality"):
-        from .imagine import load_janus
+    return path, device, model_type
 
-        return load_janus(path, device, dtype)
-    cfg = ModelConfig.from_hf(path / "config.json")
+
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+         revision: str | None = None) -> Transformer:
+    """Load an HF-format DeepseekV3/V2 (or DeepSeek-LLM) directory, nanoseek's own or an official checkpoint, as a
+    nanoseek Transformer. `path` may also be a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`, at `revision`):
+    nanoseek.hub fetches it into the shared cache once. A Janus directory is refused with a CheckpointError:
+    `nanoseek.load` loads any model directory, a Janus one through nanoseek.imagine.load_janus.
+
+    device None: nanoseek.device.default_device() (CUDA if available, else CPU). Tensors are read on the host and
+    copied into the model's storage on `device`. dtype None keeps the checkpoint's floating dtype (fp32 for
+    nanoseek's own files, bf16 for FP8 checkpoints).
+    """
+    path, device, model_type = open_model_dir(path, device, revision=revision)
+    if model_type in JANUS_MODEL_TYPES:
+        raise CheckpointError(f"{path} is a Janus directory (model_type {model_type!r}), not a DeepSeek LLM: "
+                              "load it with nanoseek.load (or nanoseek.imagine.load_janus)")
+    cfg = config_from_hf(path / "config.json")
     hf = read_hf_state_dict(path, dtype)
     sd, unexpected = from_hf_state_dict(cfg, hf)
     if dtype is None:
@@ -327,6 +501,7 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype 
                     tokenizer: str | Path | None = None) -> Path:
     """Write an HF-format directory that transformers' AutoModelForCausalLM loads; written to a temp directory
     and renamed into place, so an interrupted save never leaves a half-written model at `path`.
+    `nanoseek.save_pretrained` is the entry point for every model (a Janus goes to nanoseek.imagine.save_janus).
     `tokenizer`: a tokenizer directory whose files are copied alongside (a complete, servable directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,10 +512,8 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype 
     try:
         floats = [v.dtype for v in sd.values() if v.is_floating_point()]
         main_dtype = max(set(floats), key=floats.count)
-        hf_cfg = cfg.to_hf()
+        hf_cfg = config_to_hf(cfg)
         hf_cfg["torch_dtype"] = str(main_dtype).removeprefix("torch.")
-        from . import __version__
-
         hf_cfg["nanoseek"] = {"version": __version__, **(meta or {})}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek import ModelConfig, Transformer
+from nanoseek import ModelConfig, Transformer, save_pretrained
+from nanoseek.weights import config_to_hf
 
 
 def hf_model_from_dir(path: str | Path):
@@ -20,7 +21,7 @@ def random_hf_model(cfg: ModelConfig):
     """A transformers DeepseekV3/V2ForCausalLM with random weights (incl. a random router bias)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.for_model(**cfg.to_hf())
+    hf_cfg = AutoConfig.for_model(**config_to_hf(cfg))
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, buf in model.named_buffers():
@@ -48,5 +49,5 @@ def make_tiny_model_dir(d, name: str = "model", seed: int = 0):
     (d / "c.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 300, seed=1)))
     train_tokenizer([d / "c.txt"], 512, d / "tok")
     torch.manual_seed(seed)
-    build("tiny").save_pretrained(d / name, tokenizer=d / "tok")
+    save_pretrained(build("tiny"), d / name, tokenizer=d / "tok")
     return d / name

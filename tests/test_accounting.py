@@ -21,6 +21,7 @@ from nanoseek.accounting import (
     params_report,
 )
 from nanoseek.cli import main
+from nanoseek.weights import config_to_hf
 
 V3_TOTAL = 671_026_404_352  # transformers' meta-device count, /work/shared/REFERENCE.md
 
@@ -32,7 +33,7 @@ def _hf_meta_count(cfg: ModelConfig) -> int:
         config_cls, model_cls = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
     else:
         config_cls, model_cls = transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM
-    hf_cfg = config_cls(**cfg.to_hf())
+    hf_cfg = config_cls(**config_to_hf(cfg))
     with torch.device("meta"):
         model = model_cls(hf_cfg)
     return sum(p.numel() for p in model.parameters())
@@ -169,7 +170,7 @@ def test_cost_errors(kwargs, message):
 
 def test_params_from_model_dir(tmp_path):
     cfg = ModelConfig.from_preset("deepseek-v2-lite")
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     assert params_report(model_dir=tmp_path)["params"] == params_report(preset="deepseek-v2-lite")["params"]
     with pytest.raises(ValueError, match="exactly one"):
         params_report()

@@ -512,14 +512,14 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory):
     import torch
 
-    from nanoseek import build, synthetic
+    from nanoseek import build, save_pretrained, synthetic
     from nanoseek.data import train_tokenizer
 
     root = tmp_path_factory.mktemp("audit_serve")
     (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(i) for i in synthetic.generate("arithmetic", 300)))
     train_tokenizer([root / "corpus.txt"], 512, root / "tok")
     torch.manual_seed(0)
-    model_dir = build("tiny").save_pretrained(root / "model", tokenizer=root / "tok")
+    model_dir = save_pretrained(build("tiny"), root / "model", tokenizer=root / "tok")
     port = _free_port()
     log = root / "serve.log"
     env = {**os.environ, "NANOSEEK_API_KEY": SERVE_KEY, "OMP_NUM_THREADS": "1"}

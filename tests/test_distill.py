@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoseek import build
+from nanoseek import build, save_pretrained
 from nanoseek.client import EndpointError
 from nanoseek.data import train_tokenizer
 from nanoseek.distill import (
@@ -55,9 +55,9 @@ def dirs(tmp_path_factory):
     (d / "c.txt").write_text("\n\n".join(to_text(it) for it in synth_items("arithmetic", 300, seed=1)))
     train_tokenizer([d / "c.txt"], 512, d / "tok")
     torch.manual_seed(0)
-    build("tiny").save_pretrained(d / "student", tokenizer=d / "tok")
+    save_pretrained(build("tiny"), d / "student", tokenizer=d / "tok")
     torch.manual_seed(1)
-    build("tiny").save_pretrained(d / "teacher", tokenizer=d / "tok")
+    save_pretrained(build("tiny"), d / "teacher", tokenizer=d / "tok")
     synth("arithmetic", 48, "train", 0, d / "chat.jsonl", "chat")  # chat records with reasoning_content
     return d
 
@@ -458,7 +458,7 @@ def test_kd_refuses_different_tokenizers(dirs, tmp_path):
     (tmp_path / "other.txt").write_text("\n\n".join(f"completely different words {i} zebra quartz" for i in range(300)))
     train_tokenizer([tmp_path / "other.txt"], 400, tmp_path / "tok2")
     torch.manual_seed(2)
-    build("tiny").save_pretrained(tmp_path / "foreign", tokenizer=tmp_path / "tok2")
+    save_pretrained(build("tiny"), tmp_path / "foreign", tokenizer=tmp_path / "tok2")
     with pytest.raises(ValueError, match="tokenizers differ.*distill generate"):
         check_same_vocabulary(dirs / "teacher", tmp_path / "foreign")
     from nanoseek.cli import main

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanoseek import ModelConfig, build
+from nanoseek import ModelConfig, build, save_pretrained
 from nanoseek.infer import (
     Engine,
     SamplingParams,
@@ -408,7 +408,7 @@ def test_speculative_sampling_end_to_end_is_seeded(model):
 def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
     from nanoseek.cli import main
 
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     ref = ref[0][:5]
     for extra in ([], ["--speculative"], ["--compile"], ["--dtype", "float32"]):
         assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "0,5,17,99,3", "--max-tokens", "5",

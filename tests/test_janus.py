@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek import ModelConfig, build
-from nanoseek.imagine import preprocess, read_processor_config, to_pil
+from nanoseek import ModelConfig, build, save_pretrained
+from nanoseek.imagine import janus_config_to_hf, preprocess, read_processor_config, to_pil
 from nanoseek.janus import (
     Janus,
     JanusConfig,
@@ -23,6 +23,7 @@ from nanoseek.janus import (
     janus_preset,
 )
 from nanoseek.model import KVCache
+from nanoseek.weights import config_to_hf
 
 TINY = janus_preset("janus-tiny")
 ATOL = 1e-4
@@ -100,7 +101,7 @@ def _compare(ours: Janus, hf, cfg: JanusConfig) -> None:
 def test_parity_nanoseek_to_transformers(tmp_path, tied):
     cfg = _tiny(tied)
     ours = _random(cfg)
-    ours.save_pretrained(tmp_path / "m")
+    save_pretrained(ours, tmp_path / "m")
     hf = _hf(tmp_path / "m")
     assert (hf.lm_head.weight is hf.model.language_model.embed_tokens.weight) == tied
     _compare(ours, hf, cfg)
@@ -112,7 +113,7 @@ def test_parity_transformers_to_nanoseek(tmp_path, tied):
     from transformers import JanusForConditionalGeneration
 
     cfg = _tiny(tied)
-    hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    hf_cfg = {k: v for k, v in janus_config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
     if tied:
         hf_cfg.pop("tie_word_embeddings")  # transformers' default: tied
     torch.manual_seed(3)
@@ -130,7 +131,7 @@ def test_untied_head_under_a_tied_config_loads_untied(tmp_path):
     """Janus-Pro's head is its own while JanusConfig defaults to tied: a different lm_head in the files wins."""
     cfg = _tiny(False)
     ours = _random(cfg)
-    ours.save_pretrained(tmp_path / "m")
+    save_pretrained(ours, tmp_path / "m")
     c = json.loads((tmp_path / "m" / "config.json").read_text())
     c.pop("tie_word_embeddings")
     (tmp_path / "m" / "config.json").write_text(json.dumps(c))
@@ -147,7 +148,7 @@ def test_dense_trunk_matches_llama_and_its_cache():
         cfg = ModelConfig.from_preset("tiny-dense", num_key_value_heads=kv, attention_bias=kv == 2)
         torch.manual_seed(0)
         ours = build(cfg).eval()
-        hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "model_type"})).eval()
+        hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "model_type"})).eval()
         hf.load_state_dict({(k if k.startswith("lm_head") else "model." + k): v for k, v in ours.state_dict().items()})
         ids = torch.randint(0, cfg.vocab_size, (2, 11))
         with torch.no_grad():
@@ -308,7 +309,7 @@ def original_config(cfg: JanusConfig) -> dict:
 
 
 def expected_name(key: str) -> str | None:
-    """Where each original tensor lands in nanoseek, spelled out per module (independent of janus.ORIGINAL_TO_HF)."""
+    """Where each original tensor lands in nanoseek, spelled out per module (independent of imagine.ORIGINAL_TO_HF)."""
     if ".attn_pool." in key or key.endswith("codebook_used"):
         return None
     parts = key.split(".")
@@ -371,7 +372,7 @@ def test_original_layout_loads_from_deepseek_inventory(tmp_path):
         else:
             assert torch.equal(own[name], t.reshape(own[name].shape)), k
     # and it runs like transformers on the same weights (through nanoseek's HF save)
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     _compare(model, _hf(tmp_path / "hf"), cfg)
 
 
@@ -425,7 +426,7 @@ def test_generation_config_tokenizer_and_processor(tmp_path):
 
     cfg = _tiny(False)
     tok_dir = write_tokenizer(tmp_path / "tok", cfg)
-    _random(cfg).save_pretrained(tmp_path / "m", tokenizer=tok_dir)
+    save_pretrained(_random(cfg), tmp_path / "m", tokenizer=tok_dir)
     gen = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     assert (gen["boi_token_id"], gen["pad_token_id"], gen["bos_token_id"]) == (151, 3, 1)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
@@ -435,7 +436,7 @@ def test_generation_config_tokenizer_and_processor(tmp_path):
         ("<image_placeholder>", "<begin_of_image>", "<end_of_image>")
     assert tok.pad_token_id == 3 and tok.convert_tokens_to_ids(proc.image_token) == cfg.image_token_id
     with pytest.raises(nanoseek.CheckpointError, match="does not match the model's special tokens"):
-        _random(replace(cfg, boi_token_id=9)).save_pretrained(tmp_path / "bad", tokenizer=tok_dir)
+        save_pretrained(_random(replace(cfg, boi_token_id=9)), tmp_path / "bad", tokenizer=tok_dir)
     assert not (tmp_path / "bad").exists()
 
 
@@ -454,7 +455,7 @@ def test_preprocess_matches_transformers(tmp_path, size):
     from transformers import JanusImageProcessorPil
 
     cfg = TINY  # the size comes from the directory's preprocessor_config.json
-    _random(TINY).save_pretrained(tmp_path / "m")
+    save_pretrained(_random(TINY), tmp_path / "m")
     proc_json = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
     proc_json["size"] = {"height": size, "width": size}
     (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps(proc_json))
@@ -486,7 +487,7 @@ def test_encode_image():
     from transformers import JanusConfig as HFConfig
     from transformers import JanusForConditionalGeneration
 
-    from nanoseek.janus import to_hf_state_dict
+    from nanoseek.imagine import to_hf_state_dict
 
     model = _random(TINY)
     pix = torch.randn(3, 3, 16, 16)
@@ -498,7 +499,7 @@ def test_encode_image():
         code = torch.nn.functional.normalize(vq.quantize.embedding.weight, dim=-1)
         assert torch.equal(ids, torch.cdist(z, code[None].expand(3, -1, -1)).argmin(-1))
         vq.quantize.embedding.weight.copy_(code)
-        hf = JanusForConditionalGeneration(HFConfig(**{k: v for k, v in TINY.to_hf().items()
+        hf = JanusForConditionalGeneration(HFConfig(**{k: v for k, v in janus_config_to_hf(TINY).items()
                                                        if k not in ("architectures", "model_type")})).eval()
         hf.load_state_dict(to_hf_state_dict(model))
         assert torch.equal(model.encode_image(pix), hf.model.vqmodel.encode(pix).image_tokens.view(3, -1))
@@ -534,7 +535,7 @@ def test_cfg_greedy_matches_transformers_generate(tmp_path, one_torch_thread):
     the same as DeepSeek's rule on a prompt with one BOS first and one <begin_of_image> last."""
     cfg = _tiny(False)
     model = _random(cfg)
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     hf = _hf(tmp_path / "m")
     prompt = [1, 9, 12, 5, 6, 151]
     ours = generate_image_tokens(model, [prompt, prompt], temperature=0, cfg_weight=5)
@@ -553,8 +554,18 @@ def test_cfg_greedy_matches_transformers_generate(tmp_path, one_torch_thread):
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("janus")
     cfg = _tiny(False)
-    _random(cfg).save_pretrained(d / "m", tokenizer=write_tokenizer(d / "tok", cfg))
+    save_pretrained(_random(cfg), d / "m", tokenizer=write_tokenizer(d / "tok", cfg))
     return d / "m"
+
+
+def test_one_loader_and_saver_for_every_model(tiny_dir, tmp_path):
+    """nanoseek.load / save_pretrained take any model; nanoseek.weights.load reads the DeepSeek LLMs only."""
+    with pytest.raises(nanoseek.CheckpointError, match="is a Janus directory .*load it with nanoseek.load"):
+        nanoseek.weights.load(tiny_dir)
+    model = nanoseek.load(tiny_dir)
+    assert isinstance(model, Janus)
+    assert save_pretrained(model, tmp_path / "again") == tmp_path / "again"
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "janus"
 
 
 def test_imagine_writes_pngs_and_a_grid(tiny_dir, tmp_path, capsys, one_torch_thread):

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import KVCache, ModelConfig, build, load
+from nanoseek import KVCache, ModelConfig, build, load, save_pretrained
 from nanoseek.model import PRESETS, Router
+from nanoseek.weights import config_from_hf, config_to_hf
 
 from .hf_ref import hf_model_from_dir, random_hf_model, randomize_router_bias
 
@@ -39,7 +40,7 @@ def test_logits_match_transformers_both_directions(name, tmp_path):
     # nanoseek -> HF
     ours = build(cfg).eval()
     randomize_router_bias(ours)
-    ours.save_pretrained(tmp_path / "a")
+    save_pretrained(ours, tmp_path / "a")
     ref = hf_model_from_dir(tmp_path / "a")
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max().item() < 1e-4
@@ -54,7 +55,7 @@ def test_logits_match_transformers_both_directions(name, tmp_path):
 
 def test_hf_padding_mask_matches(tmp_path):
     model = build("tiny").eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     ref = hf_model_from_dir(tmp_path)
     x = torch.randint(0, 512, (2, 24))
     am = torch.ones_like(x)
@@ -304,24 +305,24 @@ def test_config_errors_and_round_trips(tmp_path):
     with pytest.raises(ValueError, match="n_group"):
         replace(TINY, n_group=3)
     with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
-        ModelConfig.from_hf({"model_type": "mistral"})
+        config_from_hf({"model_type": "mistral"})
     # llama is DeepSeek-LLM's dense MHA trunk (tests/test_janus.py compares it with transformers' LlamaForCausalLM)
-    assert ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+    assert config_from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
                                 "num_hidden_layers": 2, "num_attention_heads": 4}).attention == "mha"
     with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
-        ModelConfig.from_hf({**PRESETS["tiny-dense"].to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        config_from_hf({**config_to_hf(PRESETS["tiny-dense"]), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig.from_preset("tiny-dense", num_key_value_heads=3)
     for cfg in (TINY, V2_STYLE, PRESETS["deepseek-v3"], PRESETS["deepseek-v2"], PRESETS["deepseek-v2-lite"],
                 PRESETS["tiny-dense"], PRESETS["deepseek-llm-7b"],
                 replace(PRESETS["tiny-dense"], num_key_value_heads=2)):
-        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+        assert config_from_hf(config_to_hf(cfg)) == cfg
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     # transformers 5 writes rope_parameters instead of rope_theta + rope_scaling
-    hf = TINY.to_hf()
+    hf = config_to_hf(TINY)
     hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": hf.pop("rope_theta"), **{
         k: v for k, v in hf.pop("rope_scaling").items() if k != "type"}}
-    assert ModelConfig.from_hf(hf) == TINY
+    assert config_from_hf(hf) == TINY
 
 
 if __name__ == "__main__":  # python -m tests.test_model --write-golden: the one way to (re)write the golden file

@@ -25,7 +25,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from nanoseek import build, synthetic
+from nanoseek import build, save_pretrained, synthetic
 from nanoseek.data import train_tokenizer
 from nanoseek.reasoning import END_THINK, StreamSplitter
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
@@ -54,7 +54,7 @@ def make_model_dir(root: Path, reasoning: str = REASONING, answer: str = ANSWER)
         model.lm_head.weight.zero_()
         for a, b in zip(chain, chain[1:]):
             model.lm_head.weight[b] = 0.5 * h[a]  # logit margin ~ 0.5 * hidden_size: deterministic even at T = 1
-    return model.save_pretrained(root / "model", tokenizer=root / "tok")
+    return save_pretrained(model, root / "model", tokenizer=root / "tok")
 
 
 @pytest.fixture(scope="module", autouse=True)

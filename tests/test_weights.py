@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoseek import CheckpointError, build, load
+from nanoseek import CheckpointError, build, load, save_pretrained
 from nanoseek.weights import FP8_BLOCK, dequant_fp8, to_hf_state_dict
 
 
@@ -20,7 +20,7 @@ def _same(a, b):
 
 def test_official_layout_with_mtp_at_layer_L(tmp_path):
     model = build("tiny")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     L = model.config.num_hidden_layers
@@ -38,12 +38,12 @@ def test_official_layout_with_mtp_at_layer_L(tmp_path):
 
 def test_sharded_round_trip_and_resave_replaces_shards(tmp_path):
     model = build("tiny")
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     (tmp_path / "tokenizer.json").write_text("{}")  # files we do not own survive a re-save
     assert _same(load(tmp_path), model)
-    model.save_pretrained(tmp_path)  # now a single file: stale shards and index are removed
+    save_pretrained(model, tmp_path)  # now a single file: stale shards and index are removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
                                                           "model.safetensors", "tokenizer.json"]
     assert _same(load(tmp_path), model)
@@ -51,7 +51,7 @@ def test_sharded_round_trip_and_resave_replaces_shards(tmp_path):
 
 def test_bf16_save_keeps_router_bias_fp32(tmp_path):
     model = build("tiny")
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     sd = load_file(str(tmp_path / "model.safetensors"))
     assert sd["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert sd["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16
@@ -82,7 +82,7 @@ def test_fp8_block_scaled_checkpoint_dequantizes(tmp_path):
 
     cfg = replace(PRESETS["tiny"], hidden_size=160, vocab_size=300)  # > 128: several blocks per matrix
     model = build(cfg)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     sd = load_file(str(tmp_path / "model.safetensors"))
     out, expected = {}, {}
     for k, t in sd.items():
@@ -115,7 +115,7 @@ def test_fp8_scale_shape_is_checked():
 def test_missing_mtp_weights_warn_and_initialise(tmp_path, caplog):
     model = build("tiny")
     sd = {k: v for k, v in to_hf_state_dict(model).items() if not k.startswith("model.layers.2.")}
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with caplog.at_level(logging.WARNING):
         loaded = load(tmp_path)
@@ -130,7 +130,7 @@ def test_missing_mtp_weights_warn_and_initialise(tmp_path, caplog):
                                   "pickle_only", "model_type", "no_config", "missing_expert"])
 def test_errors_name_the_problem(tmp_path, case):
     model = build("tiny")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     f = tmp_path / "model.safetensors"
     sd = load_file(str(f))
     if case == "missing_tensor":
@@ -150,7 +150,7 @@ def test_errors_name_the_problem(tmp_path, case):
         save_file(sd, str(f))
         match = r"shape mismatch for model.norm.weight: expected \(64,\), found \(65,\)"
     elif case == "missing_shard":
-        model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+        save_pretrained(model, tmp_path, max_shard_bytes=200_000)
         next(tmp_path.glob("model-00002-*.safetensors")).unlink()
         match = "missing shard file.*model-00002-of"
     elif case == "no_weights":
@@ -177,7 +177,7 @@ def test_tied_head_stays_tied_on_load(tmp_path):
     from nanoseek import ModelConfig
 
     model = build(ModelConfig.from_preset("tiny-dense", tie_word_embeddings=True))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = load(tmp_path)
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     x = torch.randint(0, 512, (1, 9))
