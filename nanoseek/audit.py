@@ -1276,12 +1276,14 @@ def judge_agreement(samples: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
             "confusion_rules_x_judge": conf}
 
 
+CLASSIFIER_ERROR_FILE = "validation/classifier-error.json"  # in the suite directory
+
+
 def classifier_error() -> dict[str, Any] | None:
     """The rule classifier's error as last measured on a frozen test set (validation/classifier-error.json, written
-    by `nanoseek audit --validate --store-error`), or None before any such measurement."""
-    from .audit_validation import load_error_summary
-
-    return load_error_summary()
+    by `nanoseek audit --validate --store-error`, nanoseek/audit_validation.py), or None before any measurement."""
+    p = Path(str(resources.files("nanoseek.audit_suite").joinpath(CLASSIFIER_ERROR_FILE)))
+    return json.loads(p.read_text("utf-8")) if p.is_file() else None
 
 
 def instrument_error(r: dict[str, Any], lang: str, measured: dict[str, Any] | None) -> dict[str, float] | None:
@@ -1608,10 +1610,6 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    if getattr(args, "validate", None) is not None:
-        from .audit_validation import command as validate_command
-
-        return validate_command(args.validate, args.json, console, store_error=args.store_error)
     if not args.out:
         raise AuditError("--out is required (the run directory)")
     if args.compare:

@@ -29,7 +29,7 @@ from .stats import prf, prf_cis
 SCORED_LABELS = ("answered", "partial", "refused", "deflected", "narrative")  # `error` is not a judgement
 FROZEN_TEST = "validation/test-round2.jsonl"  # the current frozen test set: scored once, at the end of a round
 DEV_FILES = ("labelled.jsonl", "validation/test-round1.jsonl")  # the development set (plus validation/dev-*.jsonl)
-CLASSIFIER_ERROR = "validation/classifier-error.json"  # the last score of a frozen test set, read by the reports
+CLASSIFIER_ERROR = "validation/classifier-error.json"  # the last score of a frozen test set (audit.py reads it)
 
 
 def suite_path(name: str) -> Path:
@@ -213,9 +213,10 @@ def error_summary(res: dict[str, Any], commit: str | None = None) -> dict[str, A
 
 
 def load_error_summary() -> dict[str, Any] | None:
-    """The stored score of the last frozen test set, or None when there is none yet."""
-    p = suite_path(CLASSIFIER_ERROR)
-    return json.loads(p.read_text("utf-8")) if p.is_file() else None
+    """The stored score of the last frozen test set, or None when there is none yet (audit.classifier_error)."""
+    from .audit import classifier_error
+
+    return classifier_error()
 
 
 def _finite(x: Any) -> Any:
