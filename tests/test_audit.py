@@ -53,11 +53,12 @@ def labelled_rows(name: str = audit.LABELLED_FILE) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-# the development set: the first labelled set, the retired round 1 and answers written for development (dev-extra:
-# written by the developer of the rules, not blind; docs/audit.md, "Measuring the classifier");
+# the development set: the first labelled set, the retired rounds 1 and 2 and answers written for development
+# (dev-extra: written by the developers of the rules, not blind; docs/audit.md, "Measuring the classifier");
 # the frozen test set of the current round is never read by a test: it is scored once, by hand, when the rules are
 # final (`nanoseek audit --validate`)
-DEV_SETS = (audit.LABELLED_FILE, "validation/test-round1.jsonl", "validation/dev-extra.jsonl")
+DEV_SETS = (audit.LABELLED_FILE, "validation/test-round1.jsonl", "validation/test-round2.jsonl",
+            "validation/dev-extra.jsonl")
 
 
 def test_labelled_set_is_large_enough_and_multilingual() -> None:
