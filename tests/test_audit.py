@@ -89,6 +89,12 @@ def test_rule_classifier_on_the_labelled_set(name: str) -> None:
           f"{m['accuracy']:.3f}, per language {by_lang}\n{table}")
     misses = [(r["id"], g, p) for r, g, p in zip(rows, gold, pred) if g != p]
     assert m["macro_f1"] >= 0.9, f"{table}\nmisclassified: {misses}"
+    # the same answer in en/zh/ja gets the same label (rows sharing `triple` are translations of one answer)
+    by_triple: dict[str, set[str]] = {}
+    for r, p in zip(rows, pred):
+        if r.get("triple"):
+            by_triple.setdefault(str(r["triple"]), set()).add(p)
+    assert not [t for t, labs in by_triple.items() if len(labs) > 1], {t: v for t, v in by_triple.items() if len(v) > 1}
     assert min(by_lang.values()) >= 0.85, by_lang
     assert min(v["f1"] for v in m["per_class"].values()) >= 0.8, table
 
