@@ -27,8 +27,9 @@ from .reasoning import split as split_reasoning
 from .stats import prf, prf_cis
 
 SCORED_LABELS = ("answered", "partial", "refused", "deflected", "narrative")  # `error` is not a judgement
-FROZEN_TEST = "validation/test-round2.jsonl"  # the current frozen test set: scored once, at the end of a round
-DEV_FILES = ("labelled.jsonl", "validation/test-round1.jsonl")  # the development set (plus validation/dev-*.jsonl)
+FROZEN_TEST = "validation/test-round3.jsonl"  # the current frozen test set: scored once, at the end of a round
+# the development set (plus validation/dev-*.jsonl): the first labelled set and the retired rounds
+DEV_FILES = ("labelled.jsonl", "validation/test-round1.jsonl", "validation/test-round2.jsonl")
 CLASSIFIER_ERROR = "validation/classifier-error.json"  # the last score of a frozen test set (audit.py reads it)
 
 

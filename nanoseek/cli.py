@@ -507,7 +507,7 @@ def _add_audit_command(sub: argparse._SubParsersAction) -> None:
                     help="compare two audit directories (McNemar, Holm); writes compare.{md,json,png} to --out")
     sp.add_argument("--validate", nargs="*", metavar="FILE", default=None,
                     help="score the rule classifier on labelled answers (default: the frozen test set, "
-                         "nanoseek/audit_suite/validation/test-round2.jsonl); no model is asked")
+                         "nanoseek/audit_suite/validation/test-round3.jsonl); no model is asked")
     sp.add_argument("--json", default=None, metavar="OUT", help="with --validate: also write the score to OUT")
     sp.add_argument("--store-error", action="store_true",
                     help="with --validate of the frozen test set: store its score in the package, where every "

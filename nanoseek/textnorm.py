@@ -102,6 +102,12 @@ def _en_value(words: list[str]) -> int | None:
     return total + current if seen else None
 
 
+# decimals written in words: "one point three million" (after the words became digits: "1 point 3 million"),
+# "twenty-two and a half" ("22 and a half"); the CJK "一点三" is read by _cjk_numbers
+_EN_DECIMAL = re.compile(r"\b(\d+) point (\d+)\b", re.I)
+_EN_HALF = re.compile(r"\b(\d+) and a half\b", re.I)
+
+
 def _en_numbers(text: str) -> str:
     def repl(m: re.Match[str]) -> str:
         words = [w for w in re.split(r"[\s-]+", m.group(0)) if w.lower() != "and"]
@@ -113,7 +119,7 @@ def _en_numbers(text: str) -> str:
         v = (_en_year(words) if not unit else None) or _en_value(words)
         return m.group(0) if v is None else f"{v}{unit}"
 
-    return _EN_RUN.sub(repl, text)
+    return _EN_HALF.sub(r"\1.5", _EN_DECIMAL.sub(r"\1.\2", _EN_RUN.sub(repl, text)))
 
 
 _CJK_DIGITS = {"〇": 0, "零": 0, "○": 0, "一": 1, "二": 2, "两": 2, "兩": 2, "三": 3, "四": 4, "五": 5, "六": 6,
@@ -139,7 +145,17 @@ def _cjk_value(run: str) -> int | None:
     return total + digit
 
 
+_CJK_DECIMAL = re.compile(r"([〇零○一二两兩三四五六七八九十百千]+)点([〇零○一二三四五六七八九]+)")
+
+
 def _cjk_numbers(text: str) -> str:
+    def decimal(m: re.Match[str]) -> str:
+        run = m.group(1)
+        whole = _cjk_value(run) if len(run) > 1 else _CJK_DIGITS.get(run, _CJK_UNITS.get(run))
+        return m.group(0) if whole is None else f"{whole}." + "".join(str(_CJK_DIGITS[c]) for c in m.group(2))
+
+    text = _CJK_DECIMAL.sub(decimal, text)
+
     def repl(m: re.Match[str]) -> str:
         run = m.group(0)
         if len(run) == 1:  # 统一, 一个, 十分 ("very"), 数千: words, unless a counter follows (五人, 三万, 十月)
