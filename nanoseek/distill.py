@@ -1189,162 +1189,204 @@ def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> Experimen
 
 
 def rl_flops(model_config: Any, metrics_file: str | os.PathLike, group_size: int, mean_prompt_tokens: float,
-             mu: int = 1, reference: bool = False) -> float:
+             mu: int = 1, reference: bool = False, mini_batches: int = 1) -> float:
     """Training FLOPs of a GRPO run from its metrics.jsonl: per step, sampling (forward through the KV cache),
-    the old-log-prob forward, the reference forward (beta > 0) and mu forward+backward passes (3x forward) over
-    every prompt + completion token. Evaluations are not training compute and are not counted."""
+    the old-log-prob forward (only when rl.py runs one: mu > 1 or several mini-batches; with one update per
+    rollout batch it reuses the update's own log-probs), the reference forward (beta > 0) and mu forward+backward
+    passes (3x forward) over every prompt + completion token. The prompt length is each step's own
+    (`prompt_len_mean`) where the metrics have it, else `mean_prompt_tokens`. Evaluations are not training
+    compute and are not counted."""
     from .accounting import flops_per_token
 
+    old_pass = not (mu == 1 and mini_batches == 1)  # rl.py's `reuse_old` rule
     total = 0.0
     for r in read_jsonl(metrics_file):
         if "reward_mean" not in r:
             continue
         n = r["groups"] * group_size
+        plen = r.get("prompt_len_mean", mean_prompt_tokens)
         comp = r["len_mean"] * n
-        prompt = mean_prompt_tokens * n
-        seq = mean_prompt_tokens + r["len_mean"]
+        prompt = plen * n
+        seq = plen + r["len_mean"]
         fwd = flops_per_token(model_config, max(1, int(seq)), training=False)
-        total += sampling_flops(model_config, prompt, comp, n) + (prompt + comp) * fwd * (1 + reference + 3 * mu)
+        total += sampling_flops(model_config, prompt, comp, n) + (prompt + comp) * fwd * (old_pass + reference
+                                                                                           + 3 * mu)
     return total
 
 
-def _write_task_files(cfg: ExperimentConfig, root: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+def matched_sft_steps(target_flops: float, spent_flops: float, flops_per_step: float) -> int:
+    """SFT steps that bring a distillation path's compute (`spent_flops`: the teacher's sampling) to
+    `target_flops` (the RL path's), rounded to the nearest step, at least one."""
+    return max(1, round((target_flops - spent_flops) / flops_per_step))
+
+
+def _task_items(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(RL / trace prompts, held-out problems, cold-start problems): deterministic in the config, so every stage can
+    rebuild them instead of passing them along."""
     kw = {"max_digits": cfg.max_digits, "mul_digits": cfg.mul_digits}
     train_items = synthetic.generate("arithmetic", cfg.n_train, "train", cfg.seed, **kw)
     test_items = synthetic.generate("arithmetic", cfg.n_test, "test", cfg.seed, **kw)
-    root.mkdir(parents=True, exist_ok=True)
-    # RL and trace prompts: prompt + answer columns (no reference reasoning: RL and the teacher must find their own)
-    atomic_write_jsonl(root / "task_train.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                    for it in train_items])
-    atomic_write_jsonl(root / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                   for it in test_items])
     # cold start: a disjoint slice of train problems, as chats that keep the reference reasoning
     cold = synthetic.generate("arithmetic", cfg.n_train + cfg.cold_start_items, "train", cfg.seed, **kw)[cfg.n_train:]
-    atomic_write_jsonl(root / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
-                                                    for it in cold])
-    (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(it) for it in train_items[:2000] + cold))
-    return root / "task_train.jsonl", train_items, test_items
+    return train_items, test_items, cold
 
 
-def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Runs the whole comparison; writes OUT/results.json, OUT/results.md and OUT/accuracy.png. Each stage is
-    skipped when its output exists, so an interrupted experiment continues where it stopped."""
-    from rich.console import Console
+def experiment_stages(cfg: ExperimentConfig) -> list[Any]:
+    """The distill-vs-RL comparison as nanoseek.experiment stages (each resumable; results in OUT/state.json).
 
+    Estimates are minutes on the 2-core reference machine at the default sizes (docs/findings/distill-vs-rl.md's
+    wall clock with OMP_NUM_THREADS=1)."""
     from . import accounting
-    from .data import prepare, train_tokenizer
     from .eval import EvalConfig, evaluate
+    from .experiment import Stage, StageRun
     from .rl import RLConfig, format_prompt, rl
     from .train import TrainConfig, train
     from .weights import load
 
-    console = Console()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    train_file, train_items, test_items = _write_task_files(cfg, out / "task")
-    tok_dir = out / "tok"
-    if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer([out / "task" / "corpus.txt"], 512, tok_dir)
-    tok = Tokenizer.load(tok_dir)
-    if not (out / "cold_data" / "manifest.json").is_file():
-        prepare([out / "task" / "cold_start.jsonl"], tok_dir, out / "cold_data", sft=True, overwrite=True)
-    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "models": {}, "flops": {}}
-    timings: dict[str, float] = {}
+    train_file, tok_dir = out / "task" / "task_train.jsonl", out / "tok"
+    progress = not cfg.fast
 
-    def stage(name: str) -> None:
-        console.rule(f"[bold]distill-vs-rl: {name}")
-        timings[name] = time.perf_counter()
+    def setup(r: StageRun) -> dict[str, Any]:
+        from .data import prepare, train_tokenizer
 
-    def done(name: str) -> None:
-        timings[name] = time.perf_counter() - timings[name]
+        train_items, test_items, cold = _task_items(cfg)
+        task = out / "task"
+        task.mkdir(parents=True, exist_ok=True)
+        # RL and trace prompts: prompt + answer columns (no reference reasoning: RL and the teacher find their own)
+        atomic_write_jsonl(train_file, [{k: v for k, v in it.items() if k != "reasoning"} for it in train_items])
+        atomic_write_jsonl(task / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
+                                                      for it in test_items])
+        atomic_write_jsonl(task / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
+                                                       for it in cold])
+        (task / "corpus.txt").write_text("\n\n".join(synthetic.to_text(it) for it in train_items[:2000] + cold))
+        train_tokenizer([task / "corpus.txt"], 512, tok_dir)
+        prepare([task / "cold_start.jsonl"], tok_dir, out / "cold_data", sft=True, overwrite=True)
+        return {"train": len(train_items), "test": len(test_items), "cold_start": len(cold)}
 
-    def cold_start(name: str, arch: dict[str, Any], steps: int) -> tuple[Path, float]:
+    def cold_start(name: str, arch: dict[str, Any], steps: int) -> dict[str, Any]:
         run = out / f"{name}-cold"
         tcfg = TrainConfig(preset="tiny", model_overrides=dict(arch), data=str(out / "cold_data"),
                            tokenizer=str(tok_dir), seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=steps,
                            lr=cfg.cold_lr, warmup_steps=max(1, steps // 20), out=str(run), save_every=100,
-                           seed=cfg.seed, progress=cfg.fast is False, dtype="fp32", resume=True)
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-        if summary is None or summary.get("step") != steps:
-            train(tcfg)
+                           seed=cfg.seed, progress=progress, dtype="fp32", resume=True)
+        train(tcfg)
         model_dir = run / (run / "latest").read_text().strip()
         fpt = accounting.flops_per_token(load(model_dir).config, cfg.seq_len, training=True, mtp=True)
-        return model_dir, fpt * steps * cfg.batch_size * cfg.seq_len
+        return {"model": str(model_dir.relative_to(out)), "flops": fpt * steps * cfg.batch_size * cfg.seq_len}
 
-    def grpo(name: str, model_dir: Path, steps: int, lr: float) -> tuple[Path, float]:
+    def grpo(name: str, model_dir: Path, steps: int, lr: float) -> dict[str, Any]:
         run = out / name
         rcfg = RLConfig(model=str(model_dir), task=str(train_file), rewards=["arithmetic", "format=0.5"],
                         replace_rewards=True, out=str(run), steps=steps, group_size=cfg.group_size,
                         batch_prompts=cfg.batch_prompts, max_new_tokens=cfg.max_new_tokens, lr=lr,
                         loss="dr_grpo", temperature=1.0, eval_n=0, save_every=10, seed=cfg.seed,
-                        progress=not cfg.fast, resume=True, n_train_items=cfg.n_train)
+                        progress=progress, resume=True, n_train_items=cfg.n_train)
         if not (run / "final" / "config.json").is_file():
             rl(rcfg)
+        train_items = _task_items(cfg)[0]
+        tok = Tokenizer.load(tok_dir)
         prompt_len = sum(len(format_prompt(it, tok, "chat")) for it in train_items[:200]) / min(200, len(train_items))
-        mcfg = load(run / "final").config
-        return run / "final", rl_flops(mcfg, run / "metrics.jsonl", cfg.group_size, prompt_len)
+        return {"model": str((run / "final").relative_to(out)), "lr": lr,
+                "flops": rl_flops(load(run / "final").config, run / "metrics.jsonl", cfg.group_size, prompt_len)}
 
-    def evaluate_model(name: str, model_dir: Path) -> dict[str, Any]:
-        ev_dir = out / "eval" / name
-        if (ev_dir / "summary.json").is_file():
-            return json.loads((ev_dir / "summary.json").read_text())
-        ecfg = EvalConfig(task="arithmetic", model=str(model_dir), k=cfg.eval_k, n=len(test_items),
-                          max_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(ev_dir))
-        return evaluate(ecfg, items=test_items)
+    def student_rl(r: StageRun) -> dict[str, Any]:
+        base = out / r.results["student_cold"]["model"]
+        runs = [grpo("student-rl" if i == 0 else f"student-rl-{i}", base, cfg.student_rl_steps, lr)
+                for i, lr in enumerate(cfg.student_rl_lrs)]
+        # the runs differ only through completion lengths: (a)'s budget is their mean
+        return {"runs": runs, "flops": sum(x["flops"] for x in runs) / len(runs)}
 
-    stage("cold start")
-    teacher_base, f_teacher_cold = cold_start("teacher", cfg.teacher_model, cfg.teacher_cold_steps)
-    student_base, f_student_cold = cold_start("student", cfg.student_model, cfg.student_cold_steps)
-    done("cold start")
-    stage("teacher GRPO")
-    teacher, f_teacher_rl = grpo("teacher-rl", teacher_base, cfg.teacher_rl_steps, cfg.rl_lr)
-    done("teacher GRPO")
-    stage("(a) student GRPO")
-    a_runs = {lr: grpo("student-rl" if i == 0 else f"student-rl-{i}", student_base, cfg.student_rl_steps, lr)
-              for i, lr in enumerate(cfg.student_rl_lrs)}
-    f_a = sum(f for _, f in a_runs.values()) / len(a_runs)  # the runs differ only through completion lengths
-    done("(a) student GRPO")
-    stage("(b) teacher traces + rejection sampling")
-    gcfg = GenerateConfig(out=str(out / "traces"), teacher=str(teacher), prompts=str(train_file),
-                          n_prompts=cfg.trace_prompts, samples=cfg.trace_samples, max_tokens=cfg.max_new_tokens,
-                          verifier="arithmetic", seed=cfg.seed, progress=not cfg.fast)
-    gstats = generate(gcfg)
-    print_stats(gstats, console)
-    f_gen = gstats.get("teacher_sampling_flops", 0.0)
-    done("(b) teacher traces + rejection sampling")
-    stage("(b) student SFT on traces")
-    student_cfg = load(student_base).config
-    sft_fpt = accounting.flops_per_token(student_cfg, cfg.seq_len, training=True, mtp=True)
-    per_step = sft_fpt * cfg.batch_size * cfg.seq_len
-    sft_steps = cfg.sft_steps
-    if cfg.match_compute:
-        sft_steps = max(1, round((f_a - f_gen) / per_step))
-    sft_out = out / "student-distill"
-    if gstats["accepted"] == 0:  # --fast teachers rarely finish a trace: report instead of failing the run
-        console.print("[bold red]rejection sampling accepted no trace[/]: path (b) is skipped (train the teacher "
-                      "longer)")
-        results["notes"] = ["path (b) skipped: rejection sampling accepted no trace"]
-        sft_steps = 0
-    elif not (sft_out / "final" / "config.json").is_file():
-        sft(SFTConfig(traces=str(out / "traces"), out=str(sft_out), student=str(student_base), overrides=[
-            f"max_steps={sft_steps}", f"seq_len={cfg.seq_len}", f"batch_size={cfg.batch_size}", f"lr={cfg.sft_lr}",
-            "dtype=fp32", f"seed={cfg.seed}", f"progress={'false' if cfg.fast else 'true'}", "save_every=100"]))
-    f_b = f_gen + sft_steps * per_step
-    done("(b) student SFT on traces")
-    stage("held-out evaluation")
-    paths = {"teacher (cold start + GRPO)": teacher, "teacher cold start": teacher_base,
-             "student cold start": student_base,
-             **{f"(a) student + GRPO, lr {lr:g}": path for lr, (path, _) in a_runs.items()},
-             "(b) student + distillation": sft_out / "final"}
-    for name, path in paths.items():
-        if not (path / "config.json").is_file():
-            continue
-        s = evaluate_model(_slug(name), path)
-        results["models"][name] = {"path": str(path), **{k: s.get(k) for k in (
-            "pass@1", "pass@1_ci", "greedy", "greedy_ci", f"cons@{cfg.eval_k}", f"pass@{cfg.eval_k}")},
-            "params": load(path).num_params()}
-    done("held-out evaluation")
+    def traces(r: StageRun) -> dict[str, Any]:
+        gstats = generate(GenerateConfig(out=str(out / "traces"), teacher=str(out / r.results["teacher_rl"]["model"]),
+                                         prompts=str(train_file), n_prompts=cfg.trace_prompts,
+                                         samples=cfg.trace_samples, max_tokens=cfg.max_new_tokens,
+                                         verifier="arithmetic", seed=cfg.seed, progress=progress))
+        print_stats(gstats, r.console)
+        return {k: gstats.get(k, 0.0) for k in ("samples", "accepted", "acceptance_rate", "rejected",
+                                                "prompt_coverage", "accepted_mean_completion_tokens",
+                                                "teacher_sampling_flops")}
+
+    def student_distill(r: StageRun) -> dict[str, Any]:
+        student_base = out / r.results["student_cold"]["model"]
+        per_step = accounting.flops_per_token(load(student_base).config, cfg.seq_len, training=True,
+                                              mtp=True) * cfg.batch_size * cfg.seq_len
+        f_gen = r.results["traces"]["teacher_sampling_flops"]
+        steps = matched_sft_steps(r.results["student_rl"]["flops"], f_gen, per_step) if cfg.match_compute \
+            else cfg.sft_steps
+        sft_out = out / "student-distill"
+        if r.results["traces"]["accepted"] == 0:  # --fast teachers rarely finish a trace: report, do not fail
+            r.console.print("[bold red]rejection sampling accepted no trace[/]: path (b) is skipped (train the "
+                            "teacher longer)")
+            return {"sft_steps": 0, "per_step": per_step, "skipped": "rejection sampling accepted no trace"}
+        if not (sft_out / "final" / "config.json").is_file():
+            sft(SFTConfig(traces=str(out / "traces"), out=str(sft_out), student=str(student_base), overrides=[
+                f"max_steps={steps}", f"seq_len={cfg.seq_len}", f"batch_size={cfg.batch_size}", f"lr={cfg.sft_lr}",
+                "dtype=fp32", f"seed={cfg.seed}", f"progress={'false' if cfg.fast else 'true'}", "save_every=100"]))
+        return {"sft_steps": steps, "per_step": per_step, "model": str((sft_out / "final").relative_to(out))}
+
+    def evaluation(r: StageRun) -> dict[str, Any]:
+        test_items = _task_items(cfg)[1]
+        paths = {"teacher (cold start + GRPO)": r.results["teacher_rl"]["model"],
+                 "teacher cold start": r.results["teacher_cold"]["model"],
+                 "student cold start": r.results["student_cold"]["model"],
+                 **{f"(a) student + GRPO, lr {x['lr']:g}": x["model"] for x in r.results["student_rl"]["runs"]},
+                 "(b) student + distillation": r.results["student_distill"].get("model")}
+        models = {}
+        for name, rel in paths.items():
+            if rel is None or not (out / rel / "config.json").is_file():
+                continue
+            ev_dir = out / "eval" / _slug(name)
+            if (ev_dir / "summary.json").is_file():
+                s = json.loads((ev_dir / "summary.json").read_text())
+            else:
+                s = evaluate(EvalConfig(task="arithmetic", model=str(out / rel), k=cfg.eval_k, n=len(test_items),
+                                        max_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(ev_dir)),
+                             items=test_items)
+            models[name] = {"path": str(out / rel), **{k: s.get(k) for k in (
+                "pass@1", "pass@1_ci", "greedy", "greedy_ci", f"cons@{cfg.eval_k}", f"pass@{cfg.eval_k}")},
+                "params": load(out / rel).num_params()}
+        return {"models": models}
+
+    minutes = 60.0 if not cfg.fast else 1.0
+    return [Stage("setup", setup, work=f"{cfg.n_train:,} + {cfg.cold_start_items:,} problems, tokenizer",
+                  estimate_s=0.2 * minutes),
+            Stage("teacher_cold", lambda r: cold_start("teacher", cfg.teacher_model, cfg.teacher_cold_steps),
+                  ("setup",), f"{cfg.teacher_cold_steps} SFT steps", 15 * minutes),
+            Stage("student_cold", lambda r: cold_start("student", cfg.student_model, cfg.student_cold_steps),
+                  ("setup",), f"{cfg.student_cold_steps} SFT steps", 2 * minutes),
+            Stage("teacher_rl", lambda r: grpo("teacher-rl", out / r.results["teacher_cold"]["model"],
+                                               cfg.teacher_rl_steps, cfg.rl_lr), ("teacher_cold",),
+                  f"{cfg.teacher_rl_steps} GRPO steps", 1.5 * minutes),
+            Stage("student_rl", student_rl, ("student_cold",), f"{len(cfg.student_rl_lrs)} x "
+                  f"{cfg.student_rl_steps} GRPO steps", 7 * minutes * len(cfg.student_rl_lrs)),
+            Stage("traces", traces, ("teacher_rl",), f"{cfg.trace_prompts:,} prompts x {cfg.trace_samples}",
+                  2 * minutes),
+            Stage("student_distill", student_distill, ("student_cold", "student_rl", "traces"),
+                  "SFT at (a)'s compute", 1 * minutes),
+            Stage("eval", evaluation, ("teacher_rl", "student_cold", "student_rl", "student_distill"),
+                  f"{cfg.n_test} held-out problems per model", 0.25 * minutes * (4 + len(cfg.student_rl_lrs)))]
+
+
+def experiment(cfg: ExperimentConfig, skip: Sequence[str] = (), only: Sequence[str] = (),
+               fresh: bool = False) -> dict[str, Any]:
+    """Runs the whole comparison through nanoseek.experiment (resumable: OUT/state.json; --skip / --only); writes
+    OUT/results.json, OUT/results.md and OUT/accuracy.png once every stage has finished."""
+    from rich.console import Console
+
+    from . import experiment as runner
+
+    console = Console()
+    out = Path(cfg.out)
+    plan = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+    outcome = runner.run(out, experiment_stages(cfg), plan, skip=skip, only=only, fresh=fresh, console=console,
+                         title="distill-vs-rl")
+    (out / "experiment_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    res = outcome.results
+    if "eval" not in res:
+        console.print("[yellow]not every stage has run: results.json is written once `eval` has[/]")
+        return {"stages": res}
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "models": res["eval"]["models"]}
     a_names = [n for n in results["models"] if n.startswith("(a)")]
     b_name = "(b) student + distillation"
     if a_names and b_name in results["models"]:  # paired over the same held-out problems: tighter than two CIs
@@ -1354,15 +1396,22 @@ def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         d = paired_difference(*(per_item(read_jsonl(out / "eval" / _slug(n) / "items.jsonl"))
                                 for n in (best_a, b_name)), seed=cfg.seed)
         results["b_minus_best_a"] = {"vs": best_a, "pass@1": d["mean"], "ci": d["ci"]}
-    results["flops"] = {"teacher_cold_start": f_teacher_cold, "teacher_grpo": f_teacher_rl,
-                        "student_cold_start": f_student_cold, "a_student_grpo": f_a,
-                        "a_runs": {f"{lr:g}": f for lr, (_, f) in a_runs.items()},
+    f_gen = res["traces"]["teacher_sampling_flops"]
+    sft_steps, per_step = res["student_distill"]["sft_steps"], res["student_distill"]["per_step"]
+    f_b = f_gen + sft_steps * per_step
+    f_teacher = res["teacher_cold"]["flops"] + res["teacher_rl"]["flops"]
+    results["flops"] = {"teacher_cold_start": res["teacher_cold"]["flops"],
+                        "teacher_grpo": res["teacher_rl"]["flops"], "student_cold_start": res["student_cold"]["flops"],
+                        "a_student_grpo": res["student_rl"]["flops"],
+                        "a_runs": {f"{x['lr']:g}": x["flops"] for x in res["student_rl"]["runs"]},
                         "b_teacher_sampling": f_gen, "b_student_sft": sft_steps * per_step, "b_total": f_b,
-                        "b_total_with_teacher_training": f_b + f_teacher_cold + f_teacher_rl}
+                        "b_total_with_teacher_training": f_b + f_teacher}
     results["sft_steps"] = sft_steps
-    results["traces"] = {k: gstats[k] for k in ("samples", "accepted", "acceptance_rate", "rejected",
-                                                "prompt_coverage", "accepted_mean_completion_tokens")}
-    results["timings_s"] = timings
+    if res["student_distill"].get("skipped"):
+        results["notes"] = [f"path (b) skipped: {res['student_distill']['skipped']}"]
+    results["traces"] = {k: res["traces"][k] for k in ("samples", "accepted", "acceptance_rate", "rejected",
+                                                       "prompt_coverage", "accepted_mean_completion_tokens")}
+    results["timings_s"] = {k: v["seconds"] for k, v in outcome.timings["stages"].items()}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     try:
