@@ -97,7 +97,9 @@ class DemoPlan:
     dtype: str = "auto"
     # ---- reference timings (not part of the plan's identity): see docs/demo.md
     pretrain_step_s: float = 0.50  # docs/LOG.md: 0.47-0.52 s per base step, 2 threads, fp32, alone
-    student_step_s: float = 0.14  # scaled from 1-thread CPU time: tiny 0.24 s vs base 1.22 s (2026-11-25)
+    # scaled from 1-thread CPU time under load (2026-12-05): tiny 0.24 s vs base 1.22 s, times 0.50 / 1.22, times
+    # 1.4 because tiny matrices gain less from the second thread
+    student_step_s: float = 0.14
     rl_step_s: float = 2.0  # docs/LOG.md: 79 steps in 150 s, ~118 in 240 s
     student_rl_step_s: float = 0.42  # scaled like student_step_s: rollout + update 0.70 s vs base 4.0 s CPU time
     sample_s: float = 0.022  # one 100-token completion of the base at eval batch 32 (3.0 s CPU per 64, scaled)
@@ -133,8 +135,9 @@ class DemoPlan:
                 "student_pretrain": self.student_pretrain_steps * self.student_step_s + 5,
                 "student_rl": self.student_rl_steps * self.student_rl_step_s + 5,
                 "traces": self.distill_prompts * self.distill_samples * self.sample_s + 5,
-                # matched compute gives ~230 SFT steps at the full sizes (docs/demo.md)
-                "student_distill": (230 if not self.fast else 2) * self.student_step_s + 8,
+                # matched compute gives ~125 SFT steps at the full sizes (docs/demo.md: (a) ~1.6e12 FLOPs, teacher
+                # sampling ~0.6e12, 8.1e9 per SFT step)
+                "student_distill": (125 if not self.fast else 2) * self.student_step_s + 8,
                 "eval": 2 * n_eval * self.sample_s + 3 * n_eval * self.student_sample_s + 10}
 
 
