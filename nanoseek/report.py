@@ -398,7 +398,9 @@ def render(rep: dict[str, Any], root: Path) -> str:
             L += [f"Path (b): the RL model sampled {t['samples']:,} traces on training prompts (T 0.6, top_p 0.95); "
                   f"rejection sampling kept {t['accepted']:,} ({_pct(t['acceptance_rate'])}; rejected: {rej}).", ""]
         s = dist.get("sft")
-        if s:
+        if s and s.get("skipped"):
+            L += [f"No distilled student: {s['skipped']}.", ""]
+        elif s:
             L += [f"The pretrained student was fine-tuned on them for {s['steps']} of {s['planned_steps']} SFT steps "
                   f"(lr {s['lr']:g}), the steps that make (b)'s training FLOPs equal to (a)'s"
                   + (f"; trained on {s['fallback']}" if s.get("fallback") else "") + ".", ""]
