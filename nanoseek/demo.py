@@ -262,7 +262,8 @@ def stage_data(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
 
     d = r.root / "data"
     d.mkdir(parents=True, exist_ok=True)
-    items = synthetic.generate(plan.task, plan.n_train, "train", plan.seed, **plan.task_options)
+    items = synthetic.generate(plan.task, plan.n_train, "train", derive_seed(plan.seed, "data", bits=31),
+                               **plan.task_options)
     (d / "plain.txt").write_text("\n\n".join(synthetic.to_text(it) for it in items) + "\n")
     train_tokenizer([d / "plain.txt"], plan.vocab_size, d / "tokenizer")
     tok = Tokenizer.load(d / "tokenizer")
@@ -401,7 +402,8 @@ def stage_student_distill(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
         # --fast: a toy teacher writes no complete trace; exercise SFT on the reference solutions instead
         traces = out / "reference_traces.jsonl"
         # enough documents for a few packed batches whatever the toy plan's prompt count
-        items = synthetic.generate(plan.task, 4 * plan.batch_size, "train", 0, **plan.task_options)
+        items = synthetic.generate(plan.task, 4 * plan.batch_size, "train", derive_seed(plan.seed, "reference"),
+                                   **plan.task_options)
         atomic_write_jsonl(traces, [{"messages": synthetic.to_messages(it)} for it in items])
         fallback = "reference solutions (--fast: the toy teacher wrote no complete trace)"
         r.console.print(f"[yellow]--fast: the student trains on {fallback}[/]")
