@@ -144,8 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .distill import experiment, experiment_config
-    from .experiment import parse_stage_list
+    from .experiment import experiment, experiment_config, parse_stage_list
 
     experiment(experiment_config(args.overrides, out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed),
                skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
