@@ -162,8 +162,27 @@ def cmd_imagine(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .experiment import parse_stage_list
 
-    return run_demo(out=args.out, fast=args.fast, fresh=args.fresh, device=args.device, dtype=args.dtype)
+    return run_demo(out=args.out, fast=args.fast, fresh=args.fresh, device=args.device, dtype=args.dtype,
+                    skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), max_minutes=args.max_minutes,
+                    threads=args.threads)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import experiment, experiment_config, parse_stage_list
+
+    experiment(experiment_config(args.overrides, out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed),
+               skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
+    return 0
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    """--skip / --only / --fresh of every staged run (nanoseek.experiment)."""
+    p.add_argument("--skip", action="append", metavar="STAGE[,STAGE]", help="do not run these stages (repeatable)")
+    p.add_argument("--only", action="append", metavar="STAGE[,STAGE]",
+                   help="run only these stages (finished ones stay skipped; repeatable)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -298,10 +317,8 @@ def cmd_distill_kd(args: argparse.Namespace) -> int:
 
 
 def cmd_distill_experiment(args: argparse.Namespace) -> int:
-    from .distill import experiment, experiment_config
-
-    experiment(experiment_config(args.overrides, out=args.out, fast=args.fast, seed=args.seed))
-    return 0
+    args.name = "distill-vs-rl"  # the same experiment as `nanoseek experiment distill-vs-rl`
+    return cmd_experiment(args)
 
 
 def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
@@ -393,6 +410,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", default="runs/distill-vs-rl")
     sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
     sp.add_argument("--seed", type=int, default=0)
+    _stage_args(sp)
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ExperimentConfig fields, e.g. "
                     "student_rl_steps=400 'student_rl_lrs=[1e-4, 3e-5]'")
     sp.set_defaults(func=cmd_distill_experiment)
@@ -626,13 +644,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory for image_*.png and grid.png")
     sp.set_defaults(func=cmd_imagine)
 
-    sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card")
+    sp = sub.add_parser("demo", help="the whole recipe on a CPU, ending in a report card (docs/demo.md)",
+                        description="Stages: data, pretrain, rl, student_pretrain, student_rl, traces, "
+                                    "student_distill, eval; then the report. Fixed work: the same numbers on every run "
+                                    "with the same seed, machine type and thread count.")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    sp.add_argument("--fast", action="store_true", help="toy sizes, finishes in about a minute")
-    sp.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
-    _device_args(sp, "every stage (training: autocast, inference: weights): auto (fp32 on a CPU, as the budgets "
+    sp.add_argument("--fast", action="store_true", help="toy sizes that run every stage, in about a minute")
+    _stage_args(sp)
+    sp.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                    help="fit the remaining stages into M minutes: training stages do fewer steps (their lr decay "
+                         "still completes) and the report says the run was time-limited")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); results differ in their last digits between counts")
+    _device_args(sp, "every stage (training: autocast, inference: weights): auto (fp32 on a CPU, as the estimates "
                  "were measured; bf16 on CUDA) | fp32 | bf16")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("experiment", help="a staged experiment behind a finding (docs/findings), resumable",
+                        description="distill-vs-rl: docs/findings/distill-vs-rl.md (same as `nanoseek distill "
+                                    "experiment`). Any experiment config field as key=value.")
+    sp.add_argument("name", choices=("distill-vs-rl",), help="the experiment")
+    sp.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers mean nothing")
+    sp.add_argument("--seed", type=int, default=0)
+    _stage_args(sp)
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment config fields (TOML values)")
+    sp.set_defaults(func=cmd_experiment)
     _add_tokenizer_and_data_commands(sub)
     _add_distill_commands(sub)
     _add_serve_commands(sub)

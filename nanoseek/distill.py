@@ -15,7 +15,8 @@ the same small model. nanoseek makes that pipeline three commands:
 
 Read top to bottom: prompts and verifiers -> completion parsing -> the rejection filter -> teachers (local engine,
 remote client with retry/backoff) -> `generate` (append-only log, resume) -> `sft` -> divergences and `kd` -> the
-distill-vs-RL experiment of docs/findings/distill-vs-rl.md. Usage: docs/distill.md.
+training compute of RL vs distillation on a student (`rl_flops`, `matched_sft_steps`), which the demo and the
+distill-vs-rl experiment (nanoseek.experiment) charge. Usage: docs/distill.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .reasoning import THINK, Split
 from .reasoning import join as join_reasoning
 from .reasoning import split as split_reasoning
-from .stats import derive_seed, paired_difference
+from .stats import derive_seed
 from .tokenizer import Tokenizer
 
 SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.jsonl", "stats.json", "generate.json"
@@ -1110,350 +1111,37 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The finding, reproduced small (docs/findings/distill-vs-rl.md): `nanoseek distill experiment`
-#
-# R1 §4.1: Qwen-32B-Base with >10k steps of large-scale RL (DeepSeek-R1-Zero-Qwen-32B) is about QwQ-32B-Preview,
-# while R1-Distill-Qwen-32B (SFT on R1's traces) is far better on every benchmark. Here: a larger teacher
-# (cold-start SFT, then GRPO) and a smaller student from the same cold start, then (a) GRPO on the student vs (b) SFT
-# on the teacher's rejection-sampled traces, at comparable compute; held-out accuracy with confidence intervals.
-
-
-@dataclass
-class ExperimentConfig:
-    out: str = "runs/distill-vs-rl"
-    fast: bool = False  # toy sizes: checks the pipeline in minutes, the numbers mean nothing
-    seed: int = 0
-    # the task: synthetic arithmetic (exact-integer verifier), sized for small models
-    max_digits: int = 2
-    mul_digits: tuple[int, int] = (2, 1)
-    n_train: int = 4000
-    n_test: int = 200
-    # models: the tiny preset's shape, the teacher wider and deeper (both keep MoE + MLA + MTP)
-    teacher_model: dict[str, Any] = field(default_factory=lambda: {
-        "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "moe_intermediate_size": 64,
-        "q_lora_rank": 96, "kv_lora_rank": 64})
-    student_model: dict[str, Any] = field(default_factory=dict)  # the tiny preset itself (~1M parameters)
-    # cold start (R1 §2.3.1): SFT on chat items with the reference reasoning
-    cold_start_items: int = 12000
-    teacher_cold_steps: int = 1500
-    student_cold_steps: int = 400  # shorter: a weak (not hopeless) student leaves room for both paths
-    batch_size: int = 16
-    seq_len: int = 256
-    cold_lr: float = 3e-3
-    # GRPO (both the teacher and path (a))
-    teacher_rl_steps: int = 60
-    student_rl_steps: int = 400
-    group_size: int = 8
-    batch_prompts: int = 4
-    rl_lr: float = 1e-4  # the teacher's GRPO
-    # path (a) is run at each of these learning rates and its best result compared: a sweep RL gets and SFT
-    # does not, so any tuning advantage goes to RL (the sweep's extra runs are not charged to (a)'s compute)
-    student_rl_lrs: tuple[float, ...] = (1e-4, 3e-5)  # 5e-4 collapsed in a shorter run (docs/findings)
-    max_new_tokens: int = 128
-    # path (b): rejection-sampled traces, SFT at matched compute
-    trace_prompts: int = 2000  # teacher sampling is charged to (b): 5x the student's FLOPs per token
-    trace_samples: int = 2
-    sft_lr: float = 1e-3
-    match_compute: bool = True  # SFT steps chosen so (b)'s FLOPs (sampling included) equal (a)'s
-    sft_steps: int = 100  # used when match_compute is false (or as the floor's cap when the budget is spent)
-    # evaluation (R1 §3.1: k samples at T 0.6 / top_p 0.95 -> pass@1; plus greedy)
-    eval_k: int = 2
-
-    def __post_init__(self) -> None:
-        self.mul_digits = tuple(self.mul_digits)  # type: ignore[assignment]
-        self.student_rl_lrs = tuple(self.student_rl_lrs)
-        if self.fast:
-            self.n_train, self.n_test, self.cold_start_items = 400, 24, 300
-            self.teacher_cold_steps, self.student_cold_steps, self.batch_size = 12, 6, 4
-            self.teacher_rl_steps, self.student_rl_steps, self.group_size, self.batch_prompts = 2, 3, 4, 2
-            self.max_new_tokens, self.trace_prompts, self.trace_samples, self.eval_k = 24, 8, 2, 2
-            self.student_rl_lrs = self.student_rl_lrs[:1]
-            self.seq_len = 128
-
-
-def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> ExperimentConfig:
-    """An ExperimentConfig from keyword arguments and `key=value` strings (TOML values, as `nanoseek train`)."""
-    from .train import _parse_value, _unknown
-
-    values = dict(kwargs)
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        k, v = (x.strip() for x in item.split("=", 1))
-        if k not in names:
-            raise ValueError(_unknown(k, names, "experiment config key"))
-        values[k] = _parse_value(v)
-    return ExperimentConfig(**values)
+# training compute of the two paths R1 §4.1 compares (docs/findings/distill-vs-rl.md, the demo): RL on the student vs
+# SFT on a teacher's traces, the teacher's sampling charged to the latter (sampling_flops, above)
 
 
 def rl_flops(model_config: Any, metrics_file: str | os.PathLike, group_size: int, mean_prompt_tokens: float,
-             mu: int = 1, reference: bool = False) -> float:
+             mu: int = 1, reference: bool = False, mini_batches: int = 1) -> float:
     """Training FLOPs of a GRPO run from its metrics.jsonl: per step, sampling (forward through the KV cache),
-    the old-log-prob forward, the reference forward (beta > 0) and mu forward+backward passes (3x forward) over
-    every prompt + completion token. Evaluations are not training compute and are not counted."""
+    the old-log-prob forward (only when rl.py runs one: mu > 1 or several mini-batches; with one update per
+    rollout batch it reuses the update's own log-probs), the reference forward (beta > 0) and mu forward+backward
+    passes (3x forward) over every prompt + completion token. The prompt length is each step's own
+    (`prompt_len_mean`) where the metrics have it, else `mean_prompt_tokens`. Evaluations are not training
+    compute and are not counted."""
     from .accounting import flops_per_token
 
+    old_pass = not (mu == 1 and mini_batches == 1)  # rl.py's `reuse_old` rule
     total = 0.0
     for r in read_jsonl(metrics_file):
         if "reward_mean" not in r:
             continue
         n = r["groups"] * group_size
+        plen = r.get("prompt_len_mean", mean_prompt_tokens)
         comp = r["len_mean"] * n
-        prompt = mean_prompt_tokens * n
-        seq = mean_prompt_tokens + r["len_mean"]
+        prompt = plen * n
+        seq = plen + r["len_mean"]
         fwd = flops_per_token(model_config, max(1, int(seq)), training=False)
-        total += sampling_flops(model_config, prompt, comp, n) + (prompt + comp) * fwd * (1 + reference + 3 * mu)
+        total += sampling_flops(model_config, prompt, comp, n) + (prompt + comp) * fwd * (old_pass + reference
+                                                                                           + 3 * mu)
     return total
 
 
-def _write_task_files(cfg: ExperimentConfig, root: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
-    kw = {"max_digits": cfg.max_digits, "mul_digits": cfg.mul_digits}
-    train_items = synthetic.generate("arithmetic", cfg.n_train, "train", cfg.seed, **kw)
-    test_items = synthetic.generate("arithmetic", cfg.n_test, "test", cfg.seed, **kw)
-    root.mkdir(parents=True, exist_ok=True)
-    # RL and trace prompts: prompt + answer columns (no reference reasoning: RL and the teacher must find their own)
-    atomic_write_jsonl(root / "task_train.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                    for it in train_items])
-    atomic_write_jsonl(root / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
-                                                   for it in test_items])
-    # cold start: a disjoint slice of train problems, as chats that keep the reference reasoning
-    cold = synthetic.generate("arithmetic", cfg.n_train + cfg.cold_start_items, "train", cfg.seed, **kw)[cfg.n_train:]
-    atomic_write_jsonl(root / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
-                                                    for it in cold])
-    (root / "corpus.txt").write_text("\n\n".join(synthetic.to_text(it) for it in train_items[:2000] + cold))
-    return root / "task_train.jsonl", train_items, test_items
-
-
-def experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Runs the whole comparison; writes OUT/results.json, OUT/results.md and OUT/accuracy.png. Each stage is
-    skipped when its output exists, so an interrupted experiment continues where it stopped."""
-    from rich.console import Console
-
-    from . import accounting
-    from .data import prepare, train_tokenizer
-    from .eval import EvalConfig, evaluate
-    from .rl import RLConfig, format_prompt, rl
-    from .train import TrainConfig, train
-    from .weights import load
-
-    console = Console()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    train_file, train_items, test_items = _write_task_files(cfg, out / "task")
-    tok_dir = out / "tok"
-    if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer([out / "task" / "corpus.txt"], 512, tok_dir)
-    tok = Tokenizer.load(tok_dir)
-    if not (out / "cold_data" / "manifest.json").is_file():
-        prepare([out / "task" / "cold_start.jsonl"], tok_dir, out / "cold_data", sft=True, overwrite=True)
-    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "models": {}, "flops": {}}
-    timings: dict[str, float] = {}
-
-    def stage(name: str) -> None:
-        console.rule(f"[bold]distill-vs-rl: {name}")
-        timings[name] = time.perf_counter()
-
-    def done(name: str) -> None:
-        timings[name] = time.perf_counter() - timings[name]
-
-    def cold_start(name: str, arch: dict[str, Any], steps: int) -> tuple[Path, float]:
-        run = out / f"{name}-cold"
-        tcfg = TrainConfig(preset="tiny", model_overrides=dict(arch), data=str(out / "cold_data"),
-                           tokenizer=str(tok_dir), seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=steps,
-                           lr=cfg.cold_lr, warmup_steps=max(1, steps // 20), out=str(run), save_every=100,
-                           seed=cfg.seed, progress=cfg.fast is False, dtype="fp32", resume=True)
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-        if summary is None or summary.get("step") != steps:
-            train(tcfg)
-        model_dir = run / (run / "latest").read_text().strip()
-        fpt = accounting.flops_per_token(load(model_dir).config, cfg.seq_len, training=True, mtp=True)
-        return model_dir, fpt * steps * cfg.batch_size * cfg.seq_len
-
-    def grpo(name: str, model_dir: Path, steps: int, lr: float) -> tuple[Path, float]:
-        run = out / name
-        rcfg = RLConfig(model=str(model_dir), task=str(train_file), rewards=["arithmetic", "format=0.5"],
-                        replace_rewards=True, out=str(run), steps=steps, group_size=cfg.group_size,
-                        batch_prompts=cfg.batch_prompts, max_new_tokens=cfg.max_new_tokens, lr=lr,
-                        loss="dr_grpo", temperature=1.0, eval_n=0, save_every=10, seed=cfg.seed,
-                        progress=not cfg.fast, resume=True, n_train_items=cfg.n_train)
-        if not (run / "final" / "config.json").is_file():
-            rl(rcfg)
-        prompt_len = sum(len(format_prompt(it, tok, "chat")) for it in train_items[:200]) / min(200, len(train_items))
-        mcfg = load(run / "final").config
-        return run / "final", rl_flops(mcfg, run / "metrics.jsonl", cfg.group_size, prompt_len)
-
-    def evaluate_model(name: str, model_dir: Path) -> dict[str, Any]:
-        ev_dir = out / "eval" / name
-        if (ev_dir / "summary.json").is_file():
-            return json.loads((ev_dir / "summary.json").read_text())
-        ecfg = EvalConfig(task="arithmetic", model=str(model_dir), k=cfg.eval_k, n=len(test_items),
-                          max_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(ev_dir))
-        return evaluate(ecfg, items=test_items)
-
-    stage("cold start")
-    teacher_base, f_teacher_cold = cold_start("teacher", cfg.teacher_model, cfg.teacher_cold_steps)
-    student_base, f_student_cold = cold_start("student", cfg.student_model, cfg.student_cold_steps)
-    done("cold start")
-    stage("teacher GRPO")
-    teacher, f_teacher_rl = grpo("teacher-rl", teacher_base, cfg.teacher_rl_steps, cfg.rl_lr)
-    done("teacher GRPO")
-    stage("(a) student GRPO")
-    a_runs = {lr: grpo("student-rl" if i == 0 else f"student-rl-{i}", student_base, cfg.student_rl_steps, lr)
-              for i, lr in enumerate(cfg.student_rl_lrs)}
-    f_a = sum(f for _, f in a_runs.values()) / len(a_runs)  # the runs differ only through completion lengths
-    done("(a) student GRPO")
-    stage("(b) teacher traces + rejection sampling")
-    gcfg = GenerateConfig(out=str(out / "traces"), teacher=str(teacher), prompts=str(train_file),
-                          n_prompts=cfg.trace_prompts, samples=cfg.trace_samples, max_tokens=cfg.max_new_tokens,
-                          verifier="arithmetic", seed=cfg.seed, progress=not cfg.fast)
-    gstats = generate(gcfg)
-    print_stats(gstats, console)
-    f_gen = gstats.get("teacher_sampling_flops", 0.0)
-    done("(b) teacher traces + rejection sampling")
-    stage("(b) student SFT on traces")
-    student_cfg = load(student_base).config
-    sft_fpt = accounting.flops_per_token(student_cfg, cfg.seq_len, training=True, mtp=True)
-    per_step = sft_fpt * cfg.batch_size * cfg.seq_len
-    sft_steps = cfg.sft_steps
-    if cfg.match_compute:
-        sft_steps = max(1, round((f_a - f_gen) / per_step))
-    sft_out = out / "student-distill"
-    if gstats["accepted"] == 0:  # --fast teachers rarely finish a trace: report instead of failing the run
-        console.print("[bold red]rejection sampling accepted no trace[/]: path (b) is skipped (train the teacher "
-                      "longer)")
-        results["notes"] = ["path (b) skipped: rejection sampling accepted no trace"]
-        sft_steps = 0
-    elif not (sft_out / "final" / "config.json").is_file():
-        sft(SFTConfig(traces=str(out / "traces"), out=str(sft_out), student=str(student_base), overrides=[
-            f"max_steps={sft_steps}", f"seq_len={cfg.seq_len}", f"batch_size={cfg.batch_size}", f"lr={cfg.sft_lr}",
-            "dtype=fp32", f"seed={cfg.seed}", f"progress={'false' if cfg.fast else 'true'}", "save_every=100"]))
-    f_b = f_gen + sft_steps * per_step
-    done("(b) student SFT on traces")
-    stage("held-out evaluation")
-    paths = {"teacher (cold start + GRPO)": teacher, "teacher cold start": teacher_base,
-             "student cold start": student_base,
-             **{f"(a) student + GRPO, lr {lr:g}": path for lr, (path, _) in a_runs.items()},
-             "(b) student + distillation": sft_out / "final"}
-    for name, path in paths.items():
-        if not (path / "config.json").is_file():
-            continue
-        s = evaluate_model(_slug(name), path)
-        results["models"][name] = {"path": str(path), **{k: s.get(k) for k in (
-            "pass@1", "pass@1_ci", "greedy", "greedy_ci", f"cons@{cfg.eval_k}", f"pass@{cfg.eval_k}")},
-            "params": load(path).num_params()}
-    done("held-out evaluation")
-    a_names = [n for n in results["models"] if n.startswith("(a)")]
-    b_name = "(b) student + distillation"
-    if a_names and b_name in results["models"]:  # paired over the same held-out problems: tighter than two CIs
-        from .eval import per_item
-
-        best_a = max(a_names, key=lambda n: results["models"][n]["pass@1"])
-        d = paired_difference(*(per_item(read_jsonl(out / "eval" / _slug(n) / "items.jsonl"))
-                                for n in (best_a, b_name)), seed=cfg.seed)
-        results["b_minus_best_a"] = {"vs": best_a, "pass@1": d["mean"], "ci": d["ci"]}
-    results["flops"] = {"teacher_cold_start": f_teacher_cold, "teacher_grpo": f_teacher_rl,
-                        "student_cold_start": f_student_cold, "a_student_grpo": f_a,
-                        "a_runs": {f"{lr:g}": f for lr, (_, f) in a_runs.items()},
-                        "b_teacher_sampling": f_gen, "b_student_sft": sft_steps * per_step, "b_total": f_b,
-                        "b_total_with_teacher_training": f_b + f_teacher_cold + f_teacher_rl}
-    results["sft_steps"] = sft_steps
-    results["traces"] = {k: gstats[k] for k in ("samples", "accepted", "acceptance_rate", "rejected",
-                                                "prompt_coverage", "accepted_mean_completion_tokens")}
-    results["timings_s"] = timings
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    try:
-        plot_experiment(results, out / "accuracy.png")
-    except Exception as e:  # plotting never fails a run
-        results["plot_error"] = str(e)
-    console.print(results_markdown(results))
-    return results
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _fmt_flops(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def results_markdown(r: dict[str, Any]) -> str:
-    f = r["flops"]
-    lines = ["| model | params | pass@1 (95% CI) | greedy (95% CI) |", "|---|---|---|---|"]
-    for name, m in r["models"].items():
-        p, pc, g, gc = m["pass@1"], m["pass@1_ci"], m["greedy"], m["greedy_ci"]
-        lines.append(f"| {name} | {m['params'] / 1e6:.2f}M | {100 * p:.1f}% ({100 * pc[0]:.1f}-{100 * pc[1]:.1f}) | "
-                     f"{100 * g:.1f}% ({100 * gc[0]:.1f}-{100 * gc[1]:.1f}) |")
-    lines += ["", "| compute (training FLOPs) | |", "|---|---|",
-              f"| shared: student cold start | {_fmt_flops(f['student_cold_start'])} |",
-              f"| (a) student GRPO (rollouts + updates; mean of the lr runs) | {_fmt_flops(f['a_student_grpo'])} |",
-              f"| (b) teacher sampling for traces | {_fmt_flops(f['b_teacher_sampling'])} |",
-              f"| (b) student SFT ({r['sft_steps']} steps) | {_fmt_flops(f['b_student_sft'])} |",
-              f"| (b) total | {_fmt_flops(f['b_total'])} |",
-              f"| teacher training (cold start + GRPO), not charged to (b) | "
-              f"{_fmt_flops(f['teacher_cold_start'] + f['teacher_grpo'])} |",
-              f"| (b) total with the teacher's training | {_fmt_flops(f['b_total_with_teacher_training'])} |"]
-    if "b_minus_best_a" in r:
-        d = r["b_minus_best_a"]
-        lo, hi = (100 * x for x in d["ci"])
-        lines += ["", f"(b) - best (a) [{d['vs']}], paired over the held-out problems: pass@1 "
-                  f"{100 * d['pass@1']:+.1f} points (95% bootstrap CI {lo:+.1f} to {hi:+.1f})."]
-    t = r["traces"]
-    lines += ["", f"Traces: {t['samples']} samples, {t['accepted']} accepted ({100 * t['acceptance_rate']:.1f}%), "
-              f"rejected {t['rejected']}; {100 * t['prompt_coverage']:.1f}% of prompts have an accepted trace."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_experiment(r: dict[str, Any], png: str | os.PathLike) -> Path:
-    """Left: held-out pass@1 (bars) and greedy accuracy (dots) of every model, 95 % CIs. Right: the student's
-    pass@1 against the training FLOPs spent on it after the shared cold start (teacher sampling included for (b))."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = r["models"]
-    names = list(models)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    x = list(range(len(names)))
-    vals = [models[n]["pass@1"] for n in names]
-    err = [[v - models[n]["pass@1_ci"][0] for n, v in zip(names, vals)],
-           [models[n]["pass@1_ci"][1] - v for n, v in zip(names, vals)]]
-    colors = ["#1f77b4" if n.startswith("(b)") else "#d62728" if n.startswith("(a)") else "#999" for n in names]
-    ax.bar(x, vals, yerr=err, capsize=4, color=colors, label="pass@1 (k samples, T 0.6)")
-    g = [models[n]["greedy"] for n in names]
-    gerr = [[v - models[n]["greedy_ci"][0] for n, v in zip(names, g)],
-            [models[n]["greedy_ci"][1] - v for n, v in zip(names, g)]]
-    ax.errorbar([i + 0.25 for i in x], g, yerr=gerr, fmt="o", color="black", ms=4, capsize=2, label="greedy")
-    ax.set_xticks(x)
-    ax.set_xticklabels([textwrap.fill(n, 16) for n in names], fontsize=7)
-    ax.set_ylabel("held-out accuracy (95% CI)")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    f = r["flops"]
-    points = [("student cold start", 0.0)]
-    points += [(n, f["a_runs"][n.rsplit("lr ", 1)[1]]) for n in names if n.startswith("(a)")]
-    points += [(n, f["b_total"]) for n in names if n.startswith("(b)")]
-    for n, flops in points:
-        m = models.get(n)
-        if m is None:
-            continue
-        c = "#1f77b4" if n.startswith("(b)") else "#d62728" if n.startswith("(a)") else "#999"
-        lo, hi = m["pass@1"] - m["pass@1_ci"][0], m["pass@1_ci"][1] - m["pass@1"]
-        ax2.errorbar([flops], [m["pass@1"]], yerr=[[lo], [hi]], fmt="o", color=c, capsize=3, label=n)
-    ax2.set_xlabel("training FLOPs on the student after the cold start")
-    ax2.set_ylabel("student held-out pass@1 (95% CI)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
-    fig.suptitle(f"distillation vs GRPO on the student: (a) {_fmt_flops(f['a_student_grpo'])} FLOPs, "
-                 f"(b) {_fmt_flops(f['b_total'])} FLOPs (teacher sampling included)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return Path(png)
+def matched_sft_steps(target_flops: float, spent_flops: float, flops_per_step: float) -> int:
+    """SFT steps that bring a distillation path's compute (`spent_flops`: the teacher's sampling) to
+    `target_flops` (the RL path's), rounded to the nearest step, at least one."""
+    return max(1, round((target_flops - spent_flops) / flops_per_step))

@@ -1,9 +1,18 @@
-"""The demo's report card (`OUT/report/report.md` + PNGs), built only from what the stages wrote: metrics JSONL,
-evaluation summaries, the model directories — in the spirit of nanochat's report card."""
+"""The demo's report card: OUT/report/report.json (every number of the card) and report.md + PNGs rendered from it,
+in the spirit of nanochat's report card.
+
+Two rules keep the card honest:
+  - report.json holds the results apart from what differs between two runs of the same plan on the same machine:
+    `timings` (seconds, throughput, MFU) and `environment` (date, commit, software, CPU, threads). Everything else
+    is the same, byte for byte, on every such run (tests/test_cli.py checks it).
+  - every sentence that judges (improved, balanced, beat) is a verdict computed here by a stated rule over numbers in
+    report.json, printed with its threshold and where the threshold comes from; without the numbers a rule needs,
+    the judgement is not made.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import platform
 import shutil
@@ -12,13 +21,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__, accounting
 from .eval import per_item
-from .files import read_jsonl
-from .stats import paired_difference
+from .files import atomic_write, atomic_write_json, read_jsonl
+from .stats import derive_seed, paired_difference
 from .weights import config_from_hf
+
+BOOTSTRAP_REPS = 2000  # stats.paired_difference's default, printed with every verdict that uses it
+COMPUTE_TOLERANCE = 0.10  # distillation vs RL is judged only when the two paths' training FLOPs are this close
+NOISE_STEPS = 200  # simulated steps of perfectly balanced routing behind the MaxVio reference
+
+# (b, a, what): the paired comparisons of held-out accuracy, b - a over the same problems
+COMPARISONS = [("rl", "base", "GRPO on the base"),
+               ("student-rl", "student-base", "(a) GRPO on the student"),
+               ("student", "student-base", "(b) distillation into the student"),
+               ("student", "student-rl", "(b) distillation vs (a) GRPO on the student")]
+LABELS = {"base": "base (pretrained)", "rl": "base + GRPO", "student-base": "student (pretrained)",
+          "student-rl": "student + GRPO (a)", "student": "student + distillation (b)"}
 
 
 def _pct(x: float | None) -> str:
@@ -27,6 +49,10 @@ def _pct(x: float | None) -> str:
 
 def _ci(pair: list[float] | tuple[float, float] | None) -> str:
     return "" if not pair else f"{100 * pair[0]:.1f}–{100 * pair[1]:.1f}%"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
 
 
 def environment() -> dict[str, Any]:
@@ -49,23 +75,229 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def accuracy_chart(results: dict[str, dict[str, Any]], png: Path, k: int) -> Path:
+# ------------------------------------------------------------------------------------------------------------
+# numbers
+
+
+def maxvio_noise_floor(tokens: int, experts: int, k: int, layers: int, steps: int = NOISE_STEPS,
+                       seed: int = 0) -> dict[str, float]:
+    """MaxVio that perfectly balanced routing shows on a batch of `tokens` tokens through chance alone: every token
+    picks its k experts uniformly at random in each of `layers` MoE layers; per simulated step the worst layer's
+    max load / mean - 1. Returns its median and 95th percentile (numpy, seeded: the same on every machine)."""
+    rng = np.random.default_rng(seed)
+    worst = []
+    for _ in range(steps):
+        idx = np.argpartition(rng.random((layers, tokens, experts), dtype=np.float32), k, axis=-1)[..., :k]
+        loads = np.stack([np.bincount(idx[i].ravel(), minlength=experts) for i in range(layers)])
+        worst.append(float((loads.max(1) / loads.mean(1) - 1).max()))
+    worst.sort()
+    return {"median": worst[len(worst) // 2], "p95": worst[int(0.95 * len(worst))], "steps": steps}
+
+
+def _model_info(path: Path) -> dict[str, Any]:
+    cfg = config_from_hf(path / "config.json")
+    counts = accounting.count_params(cfg)
+    weights = sorted(path.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in weights:  # the weights themselves: two runs that agree here trained the same model
+        h.update(f.read_bytes())
+    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+            "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "params": counts["total"], "params_with_mtp": counts["total_with_mtp"], "activated": counts["activated"],
+            "weights_sha256": h.hexdigest()}
+
+
+def _comparison(root: Path, b: str, a: str, seed: int) -> dict[str, Any] | None:
+    fa, fb = root / "eval" / a / "items.jsonl", root / "eval" / b / "items.jsonl"
+    if not (fa.exists() and fb.exists()):
+        return None
+    ra, rb = read_jsonl(fa), read_jsonl(fb)
+    out = {}
+    for metric, key in (("pass@1", "pass1"), ("greedy", "greedy_correct")):
+        d = paired_difference(per_item(ra, key), per_item(rb, key), seed=seed, reps=BOOTSTRAP_REPS)
+        out[metric] = {"mean": d["mean"], "ci": list(d["ci"]), "n": d["n"]}
+    return out
+
+
+def build_report(root: Path, plan: Any, results: dict[str, dict[str, Any]], timings: dict[str, Any]) -> dict[str, Any]:
+    """Every number of the report card, from the stages' results and the files they wrote."""
+    seed = derive_seed(plan.seed, "report", bits=31)
+    rep: dict[str, Any] = {"plan": plan.identity(), "stages_done": list(results)}
+    rep["time_limited"] = {name: {"planned_steps": r["planned_steps"], "steps": r["steps"]}
+                           for name, r in results.items() if isinstance(r, dict) and r.get("time_limited")}
+    if "data" in results:
+        rep["data"] = results["data"]
+    rep["models"] = {name: _model_info(root / "models" / name) for name in LABELS
+                     if (root / "models" / name / "config.json").exists()}
+    rep["pretraining"] = {}
+    for who, stage in (("base", "pretrain"), ("student", "student_pretrain")):
+        if stage in results:
+            r = dict(results[stage])
+            mv = r["maxvio"]
+            layers = len(mv["last_per_layer"])
+            if layers:
+                mv["noise_floor"] = maxvio_noise_floor(mv["tokens_per_step"], mv["experts"], mv["experts_per_token"],
+                                                       layers, seed=derive_seed(seed, "maxvio", who, bits=31))
+            rep["pretraining"][who] = r
+    rep["rl"] = {who: results[stage] for who, stage in (("base", "rl"), ("student", "student_rl"))
+                 if stage in results}
+    rep["distillation"] = {k: results[s] for k, s in (("traces", "traces"), ("sft", "student_distill"))
+                           if s in results}
+    if "student_rl" in results and "traces" in results and "student_distill" in results:
+        f_a = results["student_rl"]["flops"]
+        f_gen = results["traces"]["teacher_sampling_flops"]
+        f_sft = results["student_distill"]["sft_flops"]
+        teacher = sum(results[s].get(k, 0.0) for s, k in (("pretrain", "train_flops"), ("rl", "flops"))
+                      if s in results)
+        rep["compute"] = {"a_student_grpo": f_a, "b_teacher_sampling": f_gen, "b_student_sft": f_sft,
+                          "b_total": f_gen + f_sft, "b_over_a": (f_gen + f_sft) / f_a if f_a else None,
+                          "shared_student_pretraining": results.get("student_pretrain", {}).get("train_flops"),
+                          "teacher_training_not_charged": teacher}
+    rep["eval"] = results.get("eval", {})
+    rep["comparisons"] = {}
+    for b, a, _ in COMPARISONS:
+        c = _comparison(root, b, a, seed)
+        if c is not None:
+            rep["comparisons"][f"{b}-vs-{a}"] = c
+    tokens = results.get("pretrain", {}).get("tokens")
+    if tokens:
+        v3 = accounting.cost_report(preset="deepseek-v3", tokens=float(tokens), gpu="h800", gpu_hour_price=2.0,
+                                    mfu=0.4)
+        full = accounting.cost_report(preset="deepseek-v3", tokens=14.8e12, gpu="h800", gpu_hour_price=2.0,
+                                      gpu_hours_per_trillion=180000, extra_gpu_hours=[119e3, 5e3])
+        rep["v3_scale"] = {"tokens": tokens, "gpu_hours": v3["total_gpu_hours"], "usd": v3["total_cost_usd"],
+                           "real_gpu_hours": full["total_gpu_hours"], "real_usd": full["total_cost_usd"]}
+    rep["verdicts"] = verdicts(rep)
+    rep["timings"] = _timings(root, timings)
+    rep["environment"] = environment()
+    return rep
+
+
+def _timings(root: Path, timings: dict[str, Any]) -> dict[str, Any]:
+    """Wall times, and the throughput numbers that depend on them (not results: they vary with the machine's load)."""
+    out = dict(timings)
+    for name, run in (("pretrain", "pretrain"), ("student_pretrain", "student-pretrain")):
+        recs = [r for r in read_jsonl(root / run / "metrics.jsonl") if "event" not in r][1:]  # step 1 warms up
+        if recs:
+            tps, mfu = sorted(r["tokens_per_s"] for r in recs), sorted(r["mfu"] for r in recs)
+            out.setdefault("throughput", {})[name] = {"median_tokens_per_s": tps[len(tps) // 2],
+                                                      "median_mfu": mfu[len(mfu) // 2]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# verdicts: a claim, whether it holds (True / False / None = not judged), the sentence, the rule
+
+
+def _paired_rule(n: int) -> str:
+    return (f"paired 95% bootstrap CI of the pass@1 difference ({BOOTSTRAP_REPS:,} resamples over the {n} held-out "
+            "problems, nanoseek.stats.paired_difference) lies above 0 (better) or below 0 (worse), else no "
+            "measurable difference; threshold 0, the CI's level 95% by convention")
+
+
+def _paired_verdict(vid: str, what: str, d: dict[str, Any] | None) -> dict[str, Any]:
+    if d is None:
+        return {"id": vid, "holds": None, "outcome": "not judged",
+                "text": f"{what}: not judged (a model or its evaluation is missing).", "rule": _paired_rule(0)}
+    p = d["pass@1"]
+    lo, hi = p["ci"]
+    nums = f"{_pts(p['mean'])} points pass@1 (95% CI {_pts(lo)} to {_pts(hi)})"
+    if lo > 0:
+        outcome, text = "better", f"{what} improved held-out accuracy: {nums}."
+    elif hi < 0:
+        outcome, text = "worse", f"{what} lowered held-out accuracy: {nums}."
+    else:
+        outcome, text = "no measurable difference", f"{what} made no measurable difference: {nums}; the CI includes 0."
+    return {"id": vid, "holds": outcome == "better", "outcome": outcome, "text": text, "rule": _paired_rule(p["n"]),
+            "numbers": p}
+
+
+def verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    ev, cmp_ = rep.get("eval", {}), rep.get("comparisons", {})
+    for name in ("base", "student-base"):
+        if name in ev:
+            s = ev[name]
+            lo, hi = s["pass@1_ci"]
+            holds = lo > 0
+            out.append({"id": f"{name}-solves", "holds": holds, "outcome": "yes" if holds else "no",
+                        "text": f"The {LABELS[name]} {'solves' if holds else 'is not shown to solve'} held-out "
+                                f"problems: pass@1 {_pct(s['pass@1'])} (95% CI {_ci(s['pass@1_ci'])}).",
+                        "rule": f"the 95% bootstrap CI of pass@1 over the {s['n_items']} held-out problems lies "
+                                "above 0", "numbers": {"pass@1": s["pass@1"], "ci": [lo, hi]}})
+    for b, a, what in COMPARISONS[:3]:
+        out.append(_paired_verdict(f"{b}-vs-{a}", what, cmp_.get(f"{b}-vs-{a}")))
+    # R1 §4.1: distilling a stronger model beats RL on the small model — judged only at equal training compute
+    d, comp = cmp_.get("student-vs-student-rl"), rep.get("compute")
+    rule = (f"the student's paired pass@1 difference, distillation - GRPO, as above; judged only when the two paths' "
+            f"training FLOPs differ by at most {100 * COMPUTE_TOLERANCE:.0f}% ((b) counts the teacher's sampling; "
+            "docs/findings/distill-vs-rl.md)")
+    v = {"id": "distill-beats-rl", "rule": rule}
+    if d is None or not comp or comp.get("b_over_a") is None:
+        v.update(holds=None, outcome="not judged", text="Distillation vs RL on the student: not judged (a path or "
+                                                        "its compute is missing).")
+    elif abs(comp["b_over_a"] - 1) > COMPUTE_TOLERANCE:
+        v.update(holds=None, outcome="not judged", text=f"Distillation vs RL on the student: not judged — path (b) "
+                 f"used {comp['b_over_a']:.2f}x path (a)'s training FLOPs, outside the ±"
+                 f"{100 * COMPUTE_TOLERANCE:.0f}% an equal-compute comparison allows.")
+    else:
+        p = d["pass@1"]
+        lo, hi = p["ci"]
+        nums = (f"{_pts(p['mean'])} points pass@1 (95% CI {_pts(lo)} to {_pts(hi)}) at {comp['b_over_a']:.2f}x the "
+                "training FLOPs")
+        if lo > 0:
+            v.update(holds=True, outcome="better", text=f"Distillation beat RL on the student, as R1 §4.1 reports: "
+                                                         f"{nums}.")
+        elif hi < 0:
+            v.update(holds=False, outcome="worse", text=f"RL beat distillation on the student, against R1 §4.1: "
+                                                         f"{nums}.")
+        else:
+            v.update(holds=False, outcome="no measurable difference",
+                     text=f"Distillation and RL on the student did not measurably differ: {nums}; the CI includes 0.")
+        v["numbers"] = {**p, "b_over_a": comp["b_over_a"]}
+    out.append(v)
+    for who, pre in rep.get("pretraining", {}).items():
+        mv = pre["maxvio"]
+        nf = mv.get("noise_floor")
+        rule = (f"the median over the last {mv['steps_each']} training steps of the worst MoE layer's MaxVio (max "
+                "expert load / mean - 1) is at most the 95th percentile of the same statistic under perfectly "
+                f"balanced routing (each of a step's {mv['tokens_per_step']:,} tokens picks its "
+                f"{mv['experts_per_token']} of {mv['experts']} experts uniformly at random; {NOISE_STEPS} simulated "
+                "steps)")
+        name = "base" if who == "base" else "student"
+        if nf is None:
+            out.append({"id": f"{name}-routing-balanced", "holds": None, "outcome": "not judged",
+                        "text": f"Routing balance of the {name}: not judged (no MoE layer).", "rule": rule})
+            continue
+        holds = mv["last_steps"] <= nf["p95"]
+        text = (f"The {name}'s expert load {'was' if holds else 'was not'} balanced to within sampling noise: MaxVio "
+                f"{mv['last_steps']:.3f} at the end of pretraining vs {nf['p95']:.3f} for perfectly balanced routing "
+                f"({mv['first_steps']:.3f} over the first {mv['steps_each']} steps).")
+        out.append({"id": f"{name}-routing-balanced", "holds": holds, "outcome": "yes" if holds else "no",
+                    "text": text, "rule": rule, "numbers": {"maxvio": mv["last_steps"], "reference": nf["p95"]}})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def accuracy_chart(ev: dict[str, dict[str, Any]], png: Path, k: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
+    names = list(ev)
     metrics = ["greedy", "pass@1", f"cons@{k}"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
-        vals = [100 * (results[n].get(m) or 0) for n in names]
-        lo = [100 * (results[n].get(m) or 0) - 100 * (results[n].get(m + "_ci") or [0, 0])[0] for n in names]
-        hi = [100 * (results[n].get(m + "_ci") or [0, 0])[1] - 100 * (results[n].get(m) or 0) for n in names]
-        xs = [i + (j - 1) * width for i in range(len(names))]
-        ax.bar(xs, vals, width, label=m, yerr=[lo, hi], capsize=3)
-    ax.set_xticks(range(len(names)), names)
+        vals = [100 * ev[n][m] for n in names]
+        lo = [100 * (ev[n][m] - ev[n][m + "_ci"][0]) for n in names]
+        hi = [100 * (ev[n][m + "_ci"][1] - ev[n][m]) for n in names]
+        ax.bar([i + (j - 1) * width for i in range(len(names))], vals, width, label=m, yerr=[lo, hi], capsize=3)
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
@@ -76,154 +308,182 @@ def accuracy_chart(results: dict[str, dict[str, Any]], png: Path, k: int) -> Pat
     return png
 
 
-def write_report(root: Path, plan: Any) -> Path:
-    """Assemble OUT/report/report.md from the stage outputs under OUT."""
-    rep = root / "report"
-    rep.mkdir(parents=True, exist_ok=True)
-    state = json.loads((root / "demo_state.json").read_text()) if (root / "demo_state.json").exists() else {}
-    stages = state.get("stages", {})
-    env = environment()
-    lines = ["# nanoseek report card", "",
-             f"The DeepSeek recipe at toy scale on {env['cpu'] or 'this machine'} ({env['cores']} cores"
-             + (f", GPU {env['cuda']}" if env["cuda"] else ", CPU only") + f"), {env['date']}.", ""]
+def _flops(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
 
-    # ---- environment and timing
-    lines += ["## Environment", "", "| | |", "|---|---|"]
-    for k, v in env.items():
-        lines.append(f"| {k} | {v} |")
-    lines += ["", "## Stages", "", "| stage | wall time | budget | notes |", "|---|---|---|---|"]
-    for name, s in stages.items():
-        notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("steps", "stopped_by", "tokens", "documents",
-                                                                       "traces", "skipped"))
-        lines.append(f"| {name} | {s['seconds']:.0f}s | {s.get('budget', 0):.0f}s | {notes} |")
-    total = sum(s["seconds"] for s in stages.values())
-    lines += ["", f"Total: **{total / 60:.1f} min** (installation not included).", ""]
 
-    # ---- the model
-    base = root / "models" / "base"
-    if (base / "config.json").exists():
-        cfg = config_from_hf(base / "config.json")
-        counts = accounting.count_params(cfg)
+def render(rep: dict[str, Any], root: Path) -> str:
+    env, plan = rep["environment"], rep["plan"]
+    L = ["# nanoseek report card", "",
+         f"The DeepSeek recipe at toy scale on {env['cpu'] or 'this machine'} ({env['cores']} cores, "
+         f"{env['threads']} threads" + (f", GPU {env['cuda']}" if env["cuda"] else ", CPU only") + f"), {env['date']}."
+         " Every number below is in `report.json`; the judgements come from the rules printed with them.", ""]
+    if rep["time_limited"]:
+        cut = ", ".join(f"{k} {v['steps']} of {v['planned_steps']} steps" for k, v in rep["time_limited"].items())
+        L += [f"**This run was time-limited (`--max-minutes`)**: {cut}. Its numbers are not those of the fixed "
+              "plan and differ from run to run.", ""]
+
+    L += ["## What the numbers say", "", "| | verdict | rule (threshold, source) |", "|---|---|---|"]
+    for v in rep["verdicts"]:
+        mark = {True: "yes", False: "no", None: "not judged"}[v["holds"]]
+        L.append(f"| {mark} | {v['text']} | {v['rule']} |")
+    L.append("")
+
+    # ---- the models
+    models = rep["models"]
+    if "base" in models:
+        m = models["base"]
+        narrowed = " with " + ", ".join(f"{k}={v}" for k, v in plan["model_overrides"].items()) \
+            if plan["model_overrides"] else ""
+        cfg = config_from_hf(root / "models" / "base" / "config.json")
         kv = accounting.kv_cache_bytes(cfg)
-        narrowed = " with " + ", ".join(f"{k}={v}" for k, v in plan.model_overrides.items()) \
-            if plan.model_overrides else ""
-        lines += ["## The model", "",
-                  f"`{plan.preset}` preset{narrowed}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                  f"{cfg.num_attention_heads} MLA heads (kv_lora_rank {cfg.kv_lora_rank}, rope dim "
-                  f"{cfg.qk_rope_head_dim}), {cfg.n_shared_experts} shared + {cfg.n_routed_experts} routed experts "
-                  f"({cfg.num_experts_per_tok} active), {cfg.num_nextn_predict_layers} MTP module(s), vocab "
-                  f"{cfg.vocab_size}.", "",
-                  "| parameters | count |", "|---|---|",
-                  f"| total (main model) | {counts['total']:,} |",
-                  f"| total with MTP | {counts['total_with_mtp']:,} |",
-                  f"| activated per token | {counts['activated']:,} |", "",
-                  f"KV cache per token ({kv['dtype']}): MLA {kv['mla_bytes_per_token']:,} B vs MHA with the same heads "
-                  f"{kv['mha_bytes_per_token']:,} B ({kv['mha_bytes_per_token'] / kv['mla_bytes_per_token']:.1f}x "
-                  "smaller).", ""]
+        L += ["## The model", "",
+              f"The base: `{plan['preset']}` preset{narrowed}: {m['layers']} layers, hidden {m['hidden']}, "
+              f"{m['heads']} MLA heads (kv_lora_rank {cfg.kv_lora_rank}, rope dim {cfg.qk_rope_head_dim}), "
+              f"{cfg.n_shared_experts} shared + {m['routed_experts']} routed experts "
+              f"({m['experts_per_token']} active), "
+              f"{cfg.num_nextn_predict_layers} MTP module(s), vocab {cfg.vocab_size}."
+              + (f" The student: `{plan['student_preset']}` preset, {models['student-base']['layers']} layers, hidden "
+                 f"{models['student-base']['hidden']}, {models['student-base']['routed_experts']} routed experts."
+                 if "student-base" in models else ""), "",
+              "| model | parameters | with MTP | activated per token | weights (sha256) |", "|---|---|---|---|---|"]
+        for name, mi in models.items():
+            L.append(f"| {LABELS[name]} | {mi['params']:,} | {mi['params_with_mtp']:,} | {mi['activated']:,} | "
+                     f"`{mi['weights_sha256'][:12]}` |")
+        L += ["", f"KV cache per token ({kv['dtype']}): MLA {kv['mla_bytes_per_token']:,} B vs MHA with the same "
+              f"heads {kv['mha_bytes_per_token']:,} B ({kv['mha_bytes_per_token'] / kv['mla_bytes_per_token']:.1f}x "
+              "smaller).", ""]
 
     # ---- pretraining
-    pm = [r for r in read_jsonl(root / "pretrain" / "metrics.jsonl") if "event" not in r]
-    if pm:
-        shutil.copyfile(root / "pretrain" / "loss.png", rep / "pretrain.png") \
-            if (root / "pretrain" / "loss.png").exists() else None
-        tps = sorted(r["tokens_per_s"] for r in pm[1:]) or [pm[0]["tokens_per_s"]]
-        mfu = sorted(r["mfu"] for r in pm[1:]) or [pm[0]["mfu"]]
-        lines += ["## Pretraining", "", f"{len(pm)} steps, {pm[-1]['tokens']:,} tokens; loss {pm[0]['loss']:.3f} -> "
-                  f"{pm[-1]['loss']:.3f} (main {pm[-1]['main']:.3f}, MTP {pm[-1].get('mtp', float('nan')):.3f}). "
-                  f"Median throughput {tps[len(tps) // 2]:,.0f} tokens/s, MFU {100 * mfu[len(mfu) // 2]:.1f}% of "
-                  "the matmul peak measured at start-up. Expert load MaxVio (max load / mean - 1) per MoE layer "
-                  f"at the end: {pm[-1].get('maxvio')} — the aux-loss-free bias keeps routing balanced.", "",
-                  "![pretraining](pretrain.png)", ""]
+    if rep["pretraining"]:
+        L += ["## Pretraining", "", f"Both models on the same {rep.get('data', {}).get('documents', 0):,} documents "
+              f"({rep.get('data', {}).get('tokens', 0):,} tokens), batch {plan['batch_size']} x {plan['seq_len']}, "
+              f"lr {plan['pretrain_lr']:g}, WSD schedule (decay over the last {100 * plan['decay_ratio']:.0f}%).", "",
+              "| model | steps | tokens | loss first -> last | main / MTP loss (last) | MaxVio per layer (last step) |",
+              "|---|---|---|---|---|---|"]
+        for who, p in rep["pretraining"].items():
+            L.append(f"| {who} | {p['steps']} of {p['planned_steps']} | {p['tokens']:,} | {p['loss_first']:.3f} -> "
+                     f"{p['loss_last']:.3f} | {p['main_last']:.3f} / {p['mtp_last'] or float('nan'):.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in p['maxvio']['last_per_layer'])} |")
+        L.append("")
+        for who, png in (("base", "pretrain.png"), ("student", "student-pretrain.png")):
+            if who in rep["pretraining"]:
+                L += [f"![{who} pretraining]({png})", ""]
 
     # ---- RL
-    rm = [r for r in read_jsonl(root / "rl" / "metrics.jsonl") if "event" not in r and "reward_mean" in r]
-    if rm:
-        if (root / "rl" / "rl.png").exists():
-            shutil.copyfile(root / "rl" / "rl.png", rep / "rl.png")
-        first, last = rm[: max(1, len(rm) // 5)], rm[-max(1, len(rm) // 5):]
+    if rep["rl"]:
+        L += ["## GRPO (R1-Zero style)", "",
+              f"{plan['rl_prompts']} prompts x {plan['rl_group']} samples per step, rule-based rewards (accuracy + "
+              "format), prompts in the R1 chat format (the one `nanoseek chat`/`serve` use), constant lr. First vs "
+              "last fifth of the steps:", "",
+              "| model | steps | lr | rollout reward | rollout accuracy | response length | groups without signal | "
+              "training FLOPs |", "|---|---|---|---|---|---|---|---|"]
+        for who, r in rep["rl"].items():
+            L.append(f"| {who} | {r['steps']} of {r['planned_steps']} | {r['lr']:g} | {r['reward_mean_first']:.2f} -> "
+                     f"{r['reward_mean_last']:.2f} | {_pct(r['accuracy_first'])} -> {_pct(r['accuracy_last'])} | "
+                     f"{r['len_mean_first']:.0f} -> {r['len_mean_last']:.0f} | {_pct(r['zero_var_frac_first'])} -> "
+                     f"{_pct(r['zero_var_frac_last'])} | {_flops(r['flops'])} |")
+        L.append("")
+        for who, png in (("base", "rl.png"), ("student", "student-rl.png")):
+            if who in rep["rl"]:
+                L += [f"![{who} GRPO]({png})", ""]
 
-        def avg(rs: list[dict[str, Any]], k: str) -> float:
-            return sum(r[k] for r in rs) / len(rs)
-
-        lines += ["## GRPO (R1-Zero style)", "",
-                  f"{len(rm)} steps of {plan.rl_prompts} prompts x {plan.rl_group} samples, rule-based rewards "
-                  "(accuracy + format), prompts in the R1 chat format (the one `nanoseek chat`/`serve` use). "
-                  f"Rollout reward {avg(first, 'reward_mean'):.2f} -> {avg(last, 'reward_mean'):.2f}, "
-                  f"rollout accuracy {_pct(avg(first, 'accuracy'))} -> {_pct(avg(last, 'accuracy'))}, "
-                  f"mean response length {avg(first, 'len_mean'):.0f} -> {avg(last, 'len_mean'):.0f} tokens "
-                  "(first vs last fifth of the steps).", "", "![rl](rl.png)", ""]
+    # ---- distillation
+    dist = rep["distillation"]
+    if dist:
+        L += ["## Distillation vs RL on the student (R1 §4.1)", ""]
+        t = dist.get("traces")
+        if t:
+            rej = ", ".join(f"{k} {v}" for k, v in t["rejected"].items()) or "none"
+            L += [f"Path (b): the RL model sampled {t['samples']:,} traces on training prompts (T 0.6, top_p 0.95); "
+                  f"rejection sampling kept {t['accepted']:,} ({_pct(t['acceptance_rate'])}; rejected: {rej}).", ""]
+        s = dist.get("sft")
+        if s and s.get("skipped"):
+            L += [f"No distilled student: {s['skipped']}.", ""]
+        elif s:
+            L += [f"The pretrained student was fine-tuned on them for {s['steps']} of {s['planned_steps']} SFT steps "
+                  f"(lr {s['lr']:g}), the steps that make (b)'s training FLOPs equal to (a)'s"
+                  + (f"; trained on {s['fallback']}" if s.get("fallback") else "") + ".", ""]
+        c = rep.get("compute")
+        if c:
+            L += ["| training compute | FLOPs |", "|---|---|",
+                  f"| (shared) student pretraining | {_flops(c['shared_student_pretraining'])} |",
+                  f"| (a) GRPO on the student: rollouts + updates | {_flops(c['a_student_grpo'])} |",
+                  f"| (b) teacher sampling (the RL model's traces) | {_flops(c['b_teacher_sampling'])} |",
+                  f"| (b) student SFT | {_flops(c['b_student_sft'])} |",
+                  f"| (b) total | {_flops(c['b_total'])} ({c['b_over_a']:.2f}x (a)) |",
+                  f"| teacher training (pretraining + GRPO), not charged to (b), as in R1 | "
+                  f"{_flops(c['teacher_training_not_charged'])} |", ""]
 
     # ---- evaluation
-    results: dict[str, Any] = {}
-    stage_summary: dict[str, Any] = {}
-    for name in ("base", "rl", "student"):
-        f = root / "eval" / name / "summary.json"
-        if f.exists():
-            results[name] = json.loads(f.read_text())
-    if results:
-        k = next(iter(results.values()))["k"]
-        n = next(iter(results.values()))["n_items"]
-        fmt = {"base": "pretraining corpus format (R1 chat template, reasoning kept)",
-               "rl": "R1 chat template (as in RL)", "student": "R1 chat template (as in its SFT traces)"}
-        lines += ["## Held-out accuracy", "",
-                  f"The same {n} held-out problems for every model; greedy, pass@1 averaged over {k} samples at "
-                  "temperature 0.6 / top_p 0.95 (R1's protocol), and cons@k (majority vote). 95% CIs: Wilson "
-                  "(greedy, cons@k), bootstrap (pass@1).", "",
-                  f"| model | prompt format | greedy | pass@1 | cons@{k} |", "|---|---|---|---|---|"]
-        for name, s in results.items():
-            lines.append(f"| {name} | {fmt[name]} | {_pct(s.get('greedy'))} ({_ci(s.get('greedy_ci'))}) | "
-                         f"{_pct(s['pass@1'])} ({_ci(s['pass@1_ci'])}) | {_pct(s[f'cons@{k}'])} "
-                         f"({_ci(s[f'cons@{k}_ci'])}) |")
-        accuracy_chart(results, rep / "accuracy.png", k)
-        lines += ["", "![accuracy](accuracy.png)", ""]
-        if "base" in results and "rl" in results:
-            rows = {n: read_jsonl(root / "eval" / n / "items.jsonl") for n in ("base", "rl")}
-            d1 = paired_difference(per_item(rows["base"], "pass1"), per_item(rows["rl"], "pass1"))
-            dg = paired_difference(per_item(rows["base"], "greedy_correct"), per_item(rows["rl"], "greedy_correct"))
-            verdict = ("**RL measurably improved held-out accuracy**" if d1["ci"][0] > 0 else
-                       "**RL did not measurably improve held-out accuracy** (the CI includes 0 or lies below it)")
-            lines += [f"{verdict}: RL - base, paired over the same {d1['n']} problems: pass@1 "
-                      f"{100 * d1['mean']:+.1f} points (95% bootstrap CI {100 * d1['ci'][0]:+.1f} to "
-                      f"{100 * d1['ci'][1]:+.1f}), greedy {100 * dg['mean']:+.1f} points ({100 * dg['ci'][0]:+.1f} "
-                      f"to {100 * dg['ci'][1]:+.1f}).", ""]
-            stage_summary["rl_minus_base"] = {"pass@1": d1, "greedy": dg}
-        student = root / "models" / "student" / "config.json"
-        if "student" in results and student.exists():
-            scfg = config_from_hf(student)
-            traces = stages.get("distill", {}).get("traces")
-            lines += [f"The student ({scfg.num_hidden_layers} layers, hidden {scfg.hidden_size}, "
-                      f"{accounting.count_params(scfg)['total']:,} parameters) starts from random weights and sees "
-                      f"only the RL model's {traces if traces is not None else 'verified'} rejection-sampled traces "
-                      "(R1 distilled into *pretrained* Qwen/Llama bases), so it learns the format long before the "
-                      "arithmetic.", ""]
+    ev = rep["eval"]
+    if ev:
+        first = next(iter(ev.values()))
+        k, n = first["k"], first["n_items"]
+        L += ["## Held-out accuracy", "",
+              f"The same {n} held-out problems for every model; greedy, pass@1 averaged over {k} samples at "
+              "temperature 0.6 / top_p 0.95 (R1's protocol), and cons@k (majority vote). 95% CIs: Wilson "
+              "(greedy, cons@k), bootstrap (pass@1).", "",
+              f"| model | greedy | pass@1 | cons@{k} |", "|---|---|---|---|"]
+        for name, s in ev.items():
+            L.append(f"| {LABELS[name]} | {_pct(s['greedy'])} ({_ci(s['greedy_ci'])}) | {_pct(s['pass@1'])} "
+                     f"({_ci(s['pass@1_ci'])}) | {_pct(s[f'cons@{k}'])} ({_ci(s[f'cons@{k}_ci'])}) |")
+        L += ["", "![accuracy](accuracy.png)", ""]
+        if rep["comparisons"]:
+            L += ["Paired differences over the same problems (b - a; 95% bootstrap CIs, "
+                  f"{BOOTSTRAP_REPS:,} resamples):", "", "| comparison | pass@1 (points) | greedy (points) |",
+                  "|---|---|---|"]
+            for b, a, what in COMPARISONS:
+                c = rep["comparisons"].get(f"{b}-vs-{a}")
+                if c:
+                    p, g = c["pass@1"], c["greedy"]
+                    L.append(f"| {what} | {_pts(p['mean'])} ({_pts(p['ci'][0])} to {_pts(p['ci'][1])}) | "
+                             f"{_pts(g['mean'])} ({_pts(g['ci'][0])} to {_pts(g['ci'][1])}) |")
+            L.append("")
         samples = read_jsonl(root / "eval" / "rl" / "items.jsonl")[:3]
         if samples:
-            lines += ["### Sample completions (RL model, greedy)", ""]
+            L += ["### Sample completions (base + GRPO, greedy)", ""]
             for s in samples:
-                verdict = "correct" if s["greedy_correct"] else "wrong"
-                lines += [f"**{s['prompt']}** (answer {s['answer']}; {verdict})", "", "```",
-                          (s["greedy_text"] or "").strip()[:800], "```", ""]
+                L += [f"**{s['prompt']}** (answer {s['answer']}; {'correct' if s['greedy_correct'] else 'wrong'})",
+                      "", "```", (s["greedy_text"] or "").strip()[:800], "```", ""]
 
-    # ---- cost at V3 scale
-    tokens = pm[-1]["tokens"] if pm else 0
-    if tokens:
-        v3 = accounting.cost_report(preset="deepseek-v3", tokens=float(tokens), gpu="h800", gpu_hour_price=2.0,
-                                    mfu=0.4)
-        full = accounting.cost_report(preset="deepseek-v3", tokens=14.8e12, gpu="h800", gpu_hour_price=2.0,
-                                      gpu_hours_per_trillion=180000, extra_gpu_hours=[119e3, 5e3])
-        lines += ["## The same recipe at DeepSeek-V3 scale", "",
-                  f"Pretraining V3 on this demo's {tokens:,} tokens would cost "
-                  f"{v3['total_gpu_hours']:,.2f} H800 GPU-hours (${v3['total_cost_usd']:,.2f}) at 40% MFU; "
-                  f"the real run, 14.8T tokens, took {full['total_gpu_hours'] / 1e3:,.0f}K GPU-hours "
-                  f"(${full['total_cost_usd'] / 1e6:.3f}M), "
-                  "the report's own figure (`nanoseek cost` given the report's rate, extra hours and price).", ""]
+    v3 = rep.get("v3_scale")
+    if v3:
+        L += ["## The same recipe at DeepSeek-V3 scale", "",
+              f"Pretraining V3 on this demo's {v3['tokens']:,} tokens would cost {v3['gpu_hours']:,.2f} H800 "
+              f"GPU-hours (${v3['usd']:,.2f}) at 40% MFU; the real run, 14.8T tokens, took "
+              f"{v3['real_gpu_hours'] / 1e3:,.0f}K GPU-hours (${v3['real_usd'] / 1e6:.3f}M), the report's own "
+              "figure (`nanoseek cost` given the report's rate, extra hours and price).", ""]
 
-    lines += ["## Talk to the models", "", "```bash",
-              f"nanoseek chat --model {root / 'models' / 'rl'}",
-              f"nanoseek serve --model {root / 'models' / 'rl'}   # OpenAI-compatible API + web chat at /",
-              "```", ""]
-    out = rep / "report.md"
-    out.write_text("\n".join(lines))
-    (rep / "report.json").write_text(json.dumps({"environment": env, "stages": stages, "results": results,
-                                                 **stage_summary}, indent=1, default=str) + "\n")
-    return out
+    # ---- timings and environment: the numbers that vary between runs
+    tm = rep["timings"]
+    L += ["## Stages and wall time", "", "| stage | wall time | reference estimate | budget |", "|---|---|---|---|"]
+    for name, s in tm.get("stages", {}).items():
+        budget = f"{s['budget_s']:.0f}s" if s.get("budget_s") is not None else "—"
+        L.append(f"| {name} | {s['seconds']:.0f}s | {s.get('estimate_s', 0):.0f}s | {budget} |")
+    total = sum(s["seconds"] for s in tm.get("stages", {}).values())
+    L += ["", f"Total: **{total / 60:.1f} min** over all stages (installation not included)."]
+    for name, t in tm.get("throughput", {}).items():
+        L.append(f"{name}: median {t['median_tokens_per_s']:,.0f} tokens/s, MFU {100 * t['median_mfu']:.1f}% of "
+                 "the matmul peak measured at start-up.")
+    L += ["", "## Environment", "", "| | |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in env.items()]
+    L += ["", "## Talk to the models", "", "```bash", f"nanoseek chat --model {root / 'models' / 'rl'}",
+          f"nanoseek serve --model {root / 'models' / 'rl'}   # OpenAI-compatible API + web chat at /", "```", ""]
+    return "\n".join(L)
+
+
+def write_report(root: Path, plan: Any, results: dict[str, dict[str, Any]], timings: dict[str, Any]) -> Path:
+    """OUT/report/report.json (all the numbers, written atomically), then report.md and the PNGs from it."""
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rep = build_report(root, plan, results, timings)
+    atomic_write_json(out / "report.json", rep)
+    for src, dst in (("pretrain/loss.png", "pretrain.png"), ("student-pretrain/loss.png", "student-pretrain.png"),
+                     ("rl/rl.png", "rl.png"), ("student-rl/rl.png", "student-rl.png")):
+        if (root / src).exists():
+            shutil.copyfile(root / src, out / dst)
+    if rep["eval"]:
+        accuracy_chart(rep["eval"], out / "accuracy.png", plan.eval_k)
+    path = atomic_write(out / "report.md", render(rep, root))
+    return path

@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,9 +258,10 @@ def evaluate_accuracy(engine: Engine, tokenizer: Tokenizer, items: list[dict[str
             "mean_len": sum(len(o.token_ids) for o in outs) / len(outs)}
 
 
-def rl(cfg: RLConfig) -> dict[str, Any]:
+def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Run GRPO; returns a summary. Writes OUT/metrics.jsonl, OUT/samples.jsonl, OUT/rl.png, checkpoints and
-    OUT/final (an HF model directory with the tokenizer, servable by `nanoseek serve`)."""
+    OUT/final (an HF model directory with the tokenizer, servable by `nanoseek serve`). `clock` times the steps and
+    `max_time` (tests inject a deterministic one)."""
     if not cfg.model:
         raise ValueError("model is required: a model directory (config.json + safetensors + tokenizer)")
     device = resolve_device(cfg.device)  # before any work: `--device cuda` without a GPU fails here
@@ -312,12 +314,23 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         summary["eval_start"] = {k: v for k, v in ev.items() if k != "correct"}
         append_jsonl(out / "metrics.jsonl", {"step": 0, "eval_accuracy": ev["accuracy"], "eval_len": ev["mean_len"]})
     progress = progress_bar(cfg.progress)
-    t_run = time.perf_counter()
+    t_run = clock()
+    step_times: list[float] = []
     step = start
     with progress or nullcontext():
         bar = progress.add_task("rl", total=cfg.steps, completed=start) if progress else None
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
+            t0 = clock()
+            if cfg.max_time is not None and len(step_times) >= 3:
+                # stop before a step that would end past max_time (the median of recent steps: one slow step, a
+                # save, does not stop the run early); the lr is constant, so nothing is left unfinished
+                recent = sorted(step_times[-8:])
+                if t0 - t_run + recent[len(recent) // 2] > cfg.max_time:
+                    summary["stopped"] = "time_budget"
+                    save_checkpoint(out, step, model, opt, data={"cursor": cursor[0]}, keep_last=2,
+                                    tokenizer=cfg.model, extra={"rl_config": dataclasses.asdict(cfg)})
+                    step -= 1  # this step was not taken: `steps` below counts the finished ones
+                    break
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             set_lr([opt], lr)
             # ---- rollouts (+ dynamic sampling refill) -------------------------------------------------------
@@ -327,9 +340,9 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             need, rounds = P, 0
             while need > 0 and rounds <= (cfg.max_refill_rounds if cfg.dynamic_sampling else 0):
                 items = next_items(need)
-                tr = time.perf_counter()
+                tr = clock()
                 groups = _rollout(engine, tokenizer, rewarder, items, cfg, step, rounds, autocast)
-                t_roll += time.perf_counter() - tr
+                t_roll += clock() - tr
                 rounds += 1
                 for grp in groups:
                     total_groups += 1
@@ -405,20 +418,21 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                     n_updates += 1
             for r in model.routers():  # router bias frozen during RL: discard the load counts
                 r.expert_load.zero_()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
+            step_times.append(dt)
             lens = [len(s["completion"]) for s in batch]
             rec = {"step": step + 1, "lr": lr, "prompts_drawn": cursor[0],
                    "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                    "accuracy": sum(s["correct"] for s in batch) / n,
                    "format": sum(s["format_ok"] for s in batch) / n,
-                   "len_mean": sum(lens) / n, "len_max": max(lens),
+                   "len_mean": sum(lens) / n, "len_max": max(lens), "prompt_len_mean": sum(map(len, prompts)) / n,
                    "truncated": sum(s["finish_reason"] == "length" for s in batch) / n,
                    **{k: v / max(n_updates, 1) for k, v in stats_acc.items()}, "grad_norm": float(gnorm),
                    "zero_var_frac": zero_var_groups / max(total_groups, 1), "groups": n // G,
                    "rollout_tok_s": rollout_tokens / max(t_roll, 1e-9),
                    "train_tok_s": cfg.mu * sum(lens) / max(dt - t_roll, 1e-9),
                    "logprob_mismatch": mismatch, "reward_failures": sum(rewarder.failures.values()),
-                   "step_time": dt, "elapsed": time.perf_counter() - t_run}
+                   "step_time": dt, "elapsed": clock() - t_run}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_items:
                 model.eval()
                 with autocast():
@@ -433,7 +447,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             if progress:
                 progress.update(bar, completed=step + 1, description=f"rl reward {rec['reward_mean']:.2f} "
                                 f"acc {rec['accuracy']:.2f} len {rec['len_mean']:.0f}")
-            over = cfg.max_time is not None and time.perf_counter() - t_run > cfg.max_time
+            over = cfg.max_time is not None and clock() - t_run > cfg.max_time
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or over:
                 save_checkpoint(out, step + 1, model, opt, data={"cursor": cursor[0]}, keep_last=2,
                                 tokenizer=cfg.model, extra={"rl_config": dataclasses.asdict(cfg)})

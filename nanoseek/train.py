@@ -83,6 +83,9 @@ class TrainConfig:
     # with max_time: after a few timed steps, shrink max_steps to what fits in the remaining time, so the lr
     # schedule (cosine/WSD decay) completes inside the budget instead of being cut off at peak lr
     fit_to_time: bool = False
+    # with fit_to_time: re-fit at every later step from the median of the last few step times (only ever
+    # shortening), so a machine that slows down mid-run still ends the decay before max_time
+    refit: bool = False
     resume: bool = False
     progress: bool = True
 
@@ -344,6 +347,7 @@ def _save(out: Path, step: int, model: Transformer, opts: list, cfg: TrainConfig
 
 
 _FIT_AFTER = 10  # fit_to_time fixes the run length after this many steps, timing all but the first two
+_RECENT = 8  # refit: the per-step estimate is the median of this many recent step times (a save is one outlier)
 
 
 def _fit_steps_to_time(cfg: TrainConfig, step: int, per_step: float, elapsed: float, master: bool) -> None:
@@ -356,7 +360,8 @@ def _fit_steps_to_time(cfg: TrainConfig, step: int, per_step: float, elapsed: fl
             print(f"fit_to_time: {per_step:.2f} s/step, max_steps {cfg.max_steps} -> {fits} to end within "
                   f"max_time {cfg.max_time:.0f} s (the lr schedule completes)")
         cfg.max_steps = max(fits, step + 1)
-        cfg.fit_to_time = False  # fixed from now on, also for a resumed run
+        if not cfg.refit:
+            cfg.fit_to_time = False  # fixed from now on, also for a resumed run
 
 
 class NonFiniteLoss(RuntimeError):
@@ -384,6 +389,8 @@ def train(cfg: TrainConfig, clock: Callable[[], float] = time.perf_counter) -> d
         saved = state.get("extra", {}).get("train_config", {})
         if cfg.fit_to_time and saved.get("fit_to_time") is False:  # the run length was already fitted: keep it
             cfg.max_steps, cfg.fit_to_time = saved["max_steps"], False
+        if cfg.refit and saved.get("refit") and saved.get("max_steps", cfg.max_steps) < cfg.max_steps:
+            cfg.max_steps = saved["max_steps"]  # refitting only shortens: the interrupted run's length is the cap
         if master:
             truncate_jsonl(out / "metrics.jsonl", start_step)
     elif master and (out / "metrics.jsonl").exists():
@@ -438,6 +445,7 @@ def train(cfg: TrainConfig, clock: Callable[[], float] = time.perf_counter) -> d
     t_start = clock()
     fit_at = start_step + _FIT_AFTER if cfg.fit_to_time and cfg.max_time else None
     t_fit = t_start  # when the timed steps began (after the first two, which pay for warm-up)
+    starts: list[float] = []  # refit: when each step began (intervals include logging and saving: all of a step)
     last_good = start_step
     step = start_step
     summary: dict[str, Any] = {"status": "finished"}
@@ -449,6 +457,14 @@ def train(cfg: TrainConfig, clock: Callable[[], float] = time.perf_counter) -> d
             if step == fit_at:
                 _fit_steps_to_time(cfg, step, (t0 - t_fit) / (_FIT_AFTER - 2), t0 - t_start, master)
                 if progress:
+                    progress.update(task, total=cfg.max_steps)
+            starts.append(t0)
+            if cfg.refit and cfg.max_time and fit_at is not None and step > fit_at:
+                recent = sorted(b - a for a, b in zip(starts[-_RECENT - 1:-1], starts[-_RECENT:]))
+                before = cfg.max_steps
+                cfg.max_steps = min(cfg.max_steps, max(step + 1, step + int(
+                    0.97 * max(0.0, cfg.max_time - (t0 - t_start)) / recent[len(recent) // 2])))
+                if progress and cfg.max_steps != before:
                     progress.update(task, total=cfg.max_steps)
             lr = lr_at(step, cfg)
             set_lr(opts, lr)

@@ -315,27 +315,33 @@ def test_sft_passes_device_and_dtype_to_the_trainer(monkeypatch, tmp_path):
 
 
 def test_demo_stages_get_the_plan_device_and_dtype(monkeypatch, tmp_path):
+    from rich.console import Console
+
     import nanoseek.distill
     import nanoseek.eval
     import nanoseek.rl
     import nanoseek.train
     from nanoseek import demo
+    from nanoseek.experiment import StageRun
 
     plan = demo.DemoPlan.make(fast=True)
     plan.device, plan.dtype = "cpu", "bf16"
-    for module, name, stage in ((nanoseek.train, "train", demo.stage_pretrain), (nanoseek.rl, "rl", demo.stage_rl),
-                                (nanoseek.distill, "generate", demo.stage_distill),
+    (tmp_path / "models").mkdir()
+    make_tiny_model_dir(tmp_path / "models", name="student-base")
+    (tmp_path / "models" / "base").mkdir()
+    run = StageRun(root=tmp_path, console=Console(quiet=True), results={
+        "traces": {"accepted": 1000, "teacher_sampling_flops": 0.0}, "student_rl": {"flops": 1e12}})
+    for module, name, stage in ((nanoseek.train, "train", demo.stage_pretrain),
+                                (nanoseek.train, "train", demo.stage_student_pretrain),
+                                (nanoseek.rl, "rl", demo.stage_rl), (nanoseek.rl, "rl", demo.stage_student_rl),
+                                (nanoseek.distill, "generate", demo.stage_traces),
+                                (nanoseek.distill, "sft", demo.stage_student_distill),
                                 (nanoseek.eval, "evaluate", demo.stage_eval)):
-        (tmp_path / "models" / "base").mkdir(parents=True, exist_ok=True)
         _capture(monkeypatch, module, name)
         with pytest.raises(Captured) as e:
-            stage(tmp_path, plan, None)
-        assert (e.value.value.device, e.value.value.dtype) == ("cpu", "bf16"), name
-    monkeypatch.setattr(nanoseek.distill, "generate", lambda cfg: {"accepted": 1000, "samples": 1000})
-    _capture(monkeypatch, nanoseek.distill, "sft")
-    with pytest.raises(Captured) as e:
-        demo.stage_distill(tmp_path, plan, None)
-    assert (e.value.value.device, e.value.value.dtype) == ("cpu", "bf16")
+            stage(run, plan)
+        cfg = e.value.value["args"][0] if isinstance(e.value.value, dict) else e.value.value  # train(cfg, clock=)
+        assert (cfg.device, cfg.dtype) == ("cpu", "bf16"), (name, stage.__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------

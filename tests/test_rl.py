@@ -112,3 +112,28 @@ def test_bad_input_fails_before_compute(tiny_dir, tmp_path):
     f.write_text("")
     with pytest.raises(ValueError, match="has no rows"):
         rl(RLConfig(model=str(tiny_dir), task=str(f), out=str(tmp_path)))
+
+
+def test_max_time_stops_before_a_step_that_would_not_fit(tiny_dir, tmp_path):
+    # a clock that advances 0.01 s per read: a step reads it 6 times (start, rollout start/end, end, elapsed,
+    # budget check), so every step "takes" 0.06 s whatever the machine's load. With 0.3 s, the run stops at the
+    # start of the step that would end past the budget, after saving the steps it finished
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            self.t += 0.01
+            return self.t
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's steps: one thread is faster on a shared machine
+    try:
+        summary = rl(RLConfig(model=str(tiny_dir), task="arithmetic", out=str(tmp_path), steps=50, group_size=2,
+                              batch_prompts=2, max_new_tokens=4, eval_n=0, save_every=0, progress=False,
+                              max_time=0.3), clock=Clock())
+    finally:
+        torch.set_num_threads(threads)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stopped"] == "time_budget" and summary["steps"] == len(recs) < 50
+    assert recs[-1]["elapsed"] <= 0.3 < recs[-1]["elapsed"] + 2 * recs[-1]["step_time"]  # stopped, not early
+    assert (tmp_path / "latest").read_text().strip() == f"step_{summary['steps']:08d}"

@@ -86,6 +86,39 @@ def test_fit_to_time_completes_the_schedule_within_the_budget(corpus, tmp_path):
     assert saved["max_steps"] == res["step"] and saved["fit_to_time"] is False
 
 
+class SlowingClock(FakeClock):
+    """A FakeClock whose ticks double after `at` reads: the machine gets busy mid-run."""
+
+    def __init__(self, tick: float, at: int) -> None:
+        super().__init__(tick)
+        self.reads, self.at = 0, at
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads == self.at:
+            self.tick *= 2
+        return super().__call__()
+
+
+def test_refit_completes_the_decay_when_the_machine_slows_down(corpus, tmp_path):
+    # steps take 0.04 s, then 0.08 s from step 20: fitting once (at step 10, to 48 steps) runs out of time before
+    # the decay ends; refitting at every step from the median of the last 8 step times ends it inside 2 s
+    kw = dict(max_steps=100_000, schedule="wsd", decay_ratio=0.5, min_lr_ratio=0.0, max_time=2.0, fit_to_time=True,
+              batch_size=2, seq_len=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's steps: one thread is faster on a shared machine
+    try:
+        once = train(_cfg(corpus, tmp_path / "once", **kw), clock=SlowingClock(0.01, at=4 * 20))
+        res = train(_cfg(corpus, tmp_path / "refit", refit=True, **kw), clock=SlowingClock(0.01, at=4 * 20))
+    finally:
+        torch.set_num_threads(threads)
+    assert once["status"] == "time_budget"
+    recs = read_metrics(tmp_path / "refit" / "metrics.jsonl")
+    assert res["status"] == "finished" and res["step"] == len(recs)
+    assert recs[-1]["elapsed"] <= 2.0
+    assert recs[-1]["lr"] < 0.1 * max(r["lr"] for r in recs)  # decayed, not cut off
+
+
 def test_max_time_stops_and_saves_at_the_budget(corpus, tmp_path):
     # without fit_to_time the budget cuts the run: it stops at the first step that ends past max_time and saves
     res = train(_cfg(corpus, tmp_path, max_steps=1000, max_time=0.98), clock=FakeClock(0.01))
