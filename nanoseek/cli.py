@@ -448,7 +448,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     sp = sub.add_parser("chat", help="terminal chat with a model directory (in-process) or a server URL")
     g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="model directory" + HUB_NOTE + ": runs the engine in this process")
+    g.add_argument("--model", help="model directory" + HUB_NOTE + ": runs the engine in this process (a Janus "
+                   "directory also reads images: /image PATH)")
     _revision_arg(sp)
     g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     sp.add_argument("--api-key", default=None, help="with --url (default $NANOSEEK_API_KEY)")
