@@ -305,6 +305,29 @@ def test_too_many_image_requests_is_429(server, client: openai.OpenAI, slow_step
     assert srv.image_requests == 0
 
 
+def test_a_failing_generation_is_a_500_and_the_server_goes_on(server) -> None:
+    head = server[0].janus.model.generation_head
+
+    def broken(h: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("simulated failure")
+
+    def fresh() -> openai.OpenAI:  # uvicorn closes a connection after a 500: no reuse of a pooled one
+        return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+
+    head.forward = broken
+    try:
+        with pytest.raises(openai.APIError) as e:  # streamed: the status has gone, an error event instead
+            list(generate(fresh(), stream=True))
+        assert "Internal server error" in str(e.value)
+        with pytest.raises(openai.InternalServerError) as e:
+            generate(fresh())
+        assert e.value.status_code == 500 and e.value.code == "internal_error"
+        assert "simulated" not in e.value.message  # the traceback is in the log, not in the response
+    finally:
+        del head.forward
+    assert server[0].image_requests == 0 and pngs(generate(fresh()))
+
+
 # ---- images in chat completions ----------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek.multimodal import decode_data_url
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
 
 from .test_serve import ANSWER, REASONING, make_model_dir
@@ -287,5 +288,18 @@ def test_an_image_attached_to_a_chat_message(janus_server, browser, tmp_path: Pa
     chooser.value.set_files(str(tmp_path / "notes.txt"))
     page.wait_for_selector("#error:not([hidden])")
     assert "only PNG and JPEG" in page.text_content("#error") and page.is_hidden("#attachment")
-    assert errors == []
+    # a photo larger than 1024 px is scaled down on the page (the body limit; the model reads 16 px here anyway)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.indices((1200, 2000)).sum(0).astype(np.uint8)).convert("RGB").save(big)
+    with page.expect_file_chooser() as chooser:
+        page.click("#attach")
+    chooser.value.set_files(str(big))
+    page.wait_for_selector("#attachment:not([hidden])")
+    page.fill("#prompt", "what is this")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .meta:not(:empty)').length == 3",
+                           timeout=30_000)
+    sent = bodies[-1]["messages"][4]["content"][0]["image_url"]["url"]
+    assert sent.startswith("data:image/png;base64,") and decode_data_url(sent).size == (1024, 614)
+    assert errors == [] and page.is_hidden("#error")
     page.close()

@@ -124,14 +124,34 @@ function attachFile(file) {
   }
   const reader = new FileReader();
   reader.onload = () => {
-    attached = { url: reader.result, name: file.name };
-    els.attachmentPreview.src = attached.url;
-    els.attachmentName.textContent = file.name;
-    els.attachment.hidden = false;
-    showError("");
+    const img = new Image();
+    img.onload = () => {
+      attached = { url: shrink(img, reader.result, file.type), name: file.name };
+      els.attachmentPreview.src = attached.url;
+      els.attachmentName.textContent = file.name;
+      els.attachment.hidden = false;
+      showError("");
+    };
+    img.onerror = () => showError(`${file.name} is not an image this browser can read`);
+    img.src = reader.result;
   };
   reader.onerror = () => showError(`cannot read ${file.name}`);
   reader.readAsDataURL(file);
+}
+
+// A camera photo is larger than the server's default body limit (4 MiB) and the model reads 384 px anyway: an
+// image whose long side exceeds MAX_SIDE is scaled down here (same format) before it is sent; smaller ones go as
+// they are, byte for byte.
+const MAX_SIDE = 1024;
+
+function shrink(img, url, type) {
+  const scale = MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight);
+  if (scale >= 1) return url;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(img.naturalWidth * scale);
+  canvas.height = Math.round(img.naturalHeight * scale);
+  canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL(type, 0.92);
 }
 
 function clearAttachment() {
