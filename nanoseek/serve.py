@@ -3,10 +3,12 @@
 Read top to bottom (the reasoning split, `<think>...</think>` -> reasoning_content / content as vLLM's deepseek_r1
 parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> the request schemas (pydantic
 models as vLLM's protocol.py: every parameter checked, unsupported ones rejected naming the `param`) -> the response
-schemas -> the engine thread (one thread runs Engine.step() in a loop; each HTTP request waits on its own asyncio
-queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app (chat completions, completions, models, health,
-metrics, the static web page) -> serve() and a background server for tests. docs/serving.md has the API details
-and the design notes.
+schemas -> the engine thread (one thread runs Engine.step() in a loop, and Janus' image jobs between steps; each
+HTTP request waits on its own asyncio queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app (chat
+completions, completions, image generations, models, health, metrics, the static web page) -> serve() and a
+background server for tests. A Janus-Pro model also reads images in chat messages and generates images
+(nanoseek/multimodal.py has the conversation format and the image I/O). docs/serving.md has the API details and
+the design notes.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def _bad(param: str | None, message: str, code: str | None = "invalid_value") ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Request schemas. Chat and completions share _SamplingRequest; an endpoint added later (image generation) derives
-# from OpenAIRequest, and a new content part (image_url) is one more tagged member of ContentPart.
+# Request schemas. Chat and completions share _SamplingRequest; image generation (ImageGenerationRequest) derives
+# from OpenAIRequest alone, and user messages' content parts are text or image_url (UserContentPart).
 
 MAX_N = 16
 MAX_STOP = 16
@@ -180,7 +182,7 @@ ContentPart = Annotated[
     Discriminator(_part_tag, custom_error_type="unsupported_parameter",
                   custom_error_message="only text content parts are supported in this message")]
 
-# user messages may also hold images (a text model refuses them with a 400 naming the part: Server._check_images)
+# user messages may also hold images (a text model refuses them with a 400 naming the part: Server._image_parts)
 UserContentPart = Annotated[
     Annotated[TextPart, Tag("text part")] | Annotated[ImageURLPart, Tag("image_url part")],
     Discriminator(_part_tag, custom_error_type="unsupported_parameter",
@@ -827,7 +829,10 @@ class EngineWorker:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._jobs: deque[Job] = deque()  # appended on the loop, popped on the engine thread (deque ops are atomic)
+        # appended on the loop, popped on the engine thread (deque ops are atomic); short jobs (an image's features)
+        # also run between a long job's steps (an image generation), so an image chat does not wait minutes for it
+        self._jobs: deque[Job] = deque()
+        self._short: deque[Job] = deque()
 
     @property
     def in_flight(self) -> int:
@@ -857,11 +862,13 @@ class EngineWorker:
         self.started[rid] = time.perf_counter()
         self._wake.set()
 
-    def start_job(self, fn: Callable[[Job], Any], on_end: Callable[[_JobEnd], None] | None = None) -> Job:
-        """Called on the event loop: queue `fn` for the engine thread (see Job)."""
+    def start_job(self, fn: Callable[[Job], Any], on_end: Callable[[_JobEnd], None] | None = None, *,
+                  short: bool = False) -> Job:
+        """Called on the event loop: queue `fn` for the engine thread (see Job). A short job (seconds at most) may
+        run inside a long one's interleave(); a long one runs alone, after the jobs before it."""
         assert self._loop is not None
         job = Job(fn, self._loop, on_end)
-        self._jobs.append(job)
+        (self._short if short else self._jobs).append(job)
         self._wake.set()
         if not self.alive:  # the thread died meanwhile: nobody would run it
             self._end_jobs()
@@ -869,16 +876,18 @@ class EngineWorker:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run a short fn on the engine thread and return its result (its exception raised here)."""
-        job = self.start_job(lambda _: fn())
+        job = self.start_job(lambda _: fn(), short=True)
         async for _ in job.events():
             pass
         return job.result
 
     def interleave(self) -> None:
-        """Called by a running job on the engine thread: one engine step if the text batch has work. Raises
-        EngineDead if that step fails (the job cannot go on with a broken model either)."""
+        """Called by a running long job on the engine thread: the short jobs waiting, then one engine step if the
+        text batch has work. Raises EngineDead if that step fails (the job cannot go on with a broken model)."""
         if self.error is not None:
             raise EngineDead(f"the engine failed: {type(self.error).__name__}: {self.error}")
+        while self._short:
+            self._run_job(self._short.popleft())
         if self.engine.has_work() and not self._step():
             raise EngineDead(f"the engine failed: {type(self.error).__name__}: {self.error}")
 
@@ -891,8 +900,8 @@ class EngineWorker:
         assert self._loop is not None
         while not self._stopping:
             self._wake.clear()
-            if self._jobs:
-                self._run_job(self._jobs.popleft())
+            if self._short or self._jobs:
+                self._run_job((self._short or self._jobs).popleft())
                 if self.error is not None:
                     break
                 continue
@@ -930,9 +939,9 @@ class EngineWorker:
 
     def _end_jobs(self) -> None:
         """Jobs that will never run (the thread has ended or is ending) fail as the engine did."""
-        while self._jobs:
+        while self._short or self._jobs:
             try:
-                job = self._jobs.popleft()
+                job = (self._short or self._jobs).popleft()
             except IndexError:
                 break
             job.end(error=EngineDead("the engine is not running" if self.error is None else

@@ -262,9 +262,12 @@ def test_chat_keeps_streaming_while_an_image_is_generated(server, client: openai
     wait_for(lambda: len(slow_steps) >= 2)
     r = client.chat.completions.create(model="janus", max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
                                        messages=[{"role": "user", "content": "what is this"}])
+    # an image chat too: its features are computed between the image's steps, not after them
+    v = client.chat.completions.create(model="janus", max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+                                       messages=image_message(png_url(5)))
     done["chat"] = time.monotonic()
     t.join()
-    assert r.usage.completion_tokens == 4 and done["chat"] < done["image"]
+    assert r.usage.completion_tokens == 4 and v.usage.completion_tokens == 4 and done["chat"] < done["image"]
 
 
 def test_client_disconnect_aborts_the_generation(server, slow_steps) -> None:
@@ -481,3 +484,45 @@ def _up(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_an_engine_failure_during_an_image_is_503_for_everyone(janus_dir: Path) -> None:
+    """The text step that an image job runs between its own steps fails: the chat, the image and later requests get
+    503, as when the engine thread fails on its own (tests/test_serve.py)."""
+    srv = Server.from_config(ServeConfig(model=str(janus_dir), served_model_name="janus"))
+    head = srv.janus.model.generation_head
+    inner = head.forward
+    steps = []
+
+    def slow(h: torch.Tensor) -> torch.Tensor:
+        steps.append(1)
+        time.sleep(0.05)
+        return inner(h)
+
+    def broken() -> list:
+        raise RuntimeError("simulated device failure")
+
+    head.forward = slow
+    with BackgroundServer(srv) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        errors: list[Exception] = []
+
+        def image() -> None:
+            try:
+                generate(c)
+            except openai.APIStatusError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=image)
+        t.start()
+        wait_for(lambda: len(steps) >= 2)
+        srv.engine.step = broken  # type: ignore[method-assign]
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="janus", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert e.value.status_code == 503
+        t.join()
+        assert [(x.status_code, x.code) for x in errors] == [(503, "engine_unavailable")]
+        assert len(steps) < 16
+        with pytest.raises(openai.InternalServerError) as e:  # refused up front from now on
+            generate(openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0))
+        assert e.value.status_code == 503 and not _up(url)
