@@ -3,7 +3,9 @@
 Two backends behind one `stream(messages, sampling)` generator of ("reasoning" | "content", text) events:
 LocalBackend runs the engine in this process (no server), HTTPBackend talks to any OpenAI-compatible server
 (`nanoseek serve`, vLLM, DeepSeek's API) over streamed chat completions. The REPL keeps the conversation (answers
-only: R1's template drops past reasoning anyway) and has a few slash commands (/help).
+only: R1's template drops past reasoning anyway) and has a few slash commands (/help). `/image PATH` attaches an
+image to the next message as OpenAI's image_url content part with a data URL, for both backends: a Janus model
+reads it (nanoseek/multimodal.py), locally or through `nanoseek serve`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .janus import Janus
+from .multimodal import JanusChat, decode_data_url, file_data_url, image_parts
 from .reasoning import END_THINK, StreamSplitter, detect_reasoning
 
 HELP = """commands:
   /think          show or hide the thinking while it streams (hidden: one summary line)
   /thoughts       print the last answer's thinking
   /system TEXT    set the system prompt (/system alone clears it)
+  /image PATH     attach a PNG or JPEG to your next message (Janus models; /image alone drops it)
   /reset          forget the conversation
   /exit           quit (also Ctrl-D); Ctrl-C stops a generation"""
 
@@ -54,22 +59,46 @@ class LocalBackend:
         if not (model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}: chat needs the model's tokenizer")
         self.tokenizer = Tokenizer.load(model_dir)
-        self.engine = Engine(load(model_dir, device=dev, dtype=dt).eval(), self.tokenizer, max_batch=1,
-                             max_model_len=max_model_len, seed=seed)
+        model = load(model_dir, device=dev, dtype=dt).eval()
+        self.janus: JanusChat | None = None
+        if isinstance(model, Janus):  # as the server: the engine runs its LLM, images arrive as prompt embeddings
+            from .imagine import read_processor_config
+
+            self.janus = JanusChat(model, self.tokenizer, read_processor_config(model_dir, model.config))
+            model = model.language_model
+        self.engine = Engine(model, self.tokenizer, max_batch=1, max_model_len=max_model_len, seed=seed)
         self.name = model_dir.resolve().name
         self.reasoning = detect_reasoning(self.tokenizer, reasoning_parser)
         self.end_think = self.tokenizer.tok.token_to_id(END_THINK)
         self.defaults: dict[str, float] = {}
         gen = model_dir / "generation_config.json"
-        if gen.is_file():
+        if gen.is_file() and self.janus is None:  # Janus' generation_config is image generation's (serve.py)
             g = json.loads(gen.read_text())
             self.defaults = {k: float(g[k]) for k in ("temperature", "top_p") if isinstance(g.get(k), int | float)}
         self.stats = TurnStats()
 
-    def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    @property
+    def images(self) -> bool | None:
+        """Whether the model reads images (None: unknown, the server decides)."""
+        return self.janus is not None
+
+    def _prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], Any]:
+        """Token ids and, with images, prompt embeddings (Janus: image features over the placeholders)."""
+        if self.janus is None:
+            if any(True for _ in image_parts(messages)):
+                raise ChatError("this is a text model: it does not read images")
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True), None
+        try:
+            ids = self.janus.prompt(messages)
+            images = [decode_data_url(url) for _, _, url in image_parts(messages)]
+        except ValueError as e:
+            raise ChatError(str(e)) from None
+        return ids, self.janus.embeds(ids, self.janus.pixels(images)) if images else None
+
+    def stream(self, messages: list[dict[str, Any]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
         from .infer import SamplingParams
 
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        ids, embeds = self._prompt(messages)
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             raise ChatError(f"the conversation is {len(ids)} tokens, the context is {self.engine.max_model_len}: "
@@ -78,7 +107,7 @@ class LocalBackend:
             max_tokens=min(sampling.get("max_tokens") or room, room), seed=sampling.get("seed"),
             temperature=sampling.get("temperature", self.defaults.get("temperature", 1.0)),
             top_p=sampling.get("top_p", self.defaults.get("top_p", 1.0)))
-        rid = self.engine.add_request(ids, params)
+        rid = self.engine.add_request(ids, params, prompt_embeds=embeds)
         splitter = StreamSplitter(self.reasoning, self.end_think)
         self.stats = TurnStats()
         done = False
@@ -118,7 +147,11 @@ class HTTPBackend:
             raise ChatError(str(e)) from None
         self.stats = TurnStats()
 
-    def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    @property
+    def images(self) -> bool | None:
+        return None  # the server says (a text model answers an image part with a 400)
+
+    def stream(self, messages: list[dict[str, Any]], sampling: dict[str, Any]) -> Iterator[tuple[str, str]]:
         from .client import EndpointError, RequestFailed
 
         self.stats = TurnStats()
@@ -157,8 +190,9 @@ class ChatREPL:
         self.backend, self.system, self.sampling = backend, system, dict(sampling or {})
         self.show_thinking, self.out = show_thinking, out
         self.style = Style(_use_color(color, out))
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, Any]] = []
         self.last_reasoning = ""
+        self.attachment: str | None = None  # a data URL for the next message (/image)
 
     def write(self, s: str) -> None:
         self.out.write(s)
@@ -201,6 +235,8 @@ class ChatREPL:
         elif cmd == "/think":
             self.show_thinking = not self.show_thinking
             self.write(self.style.dim(f"(thinking {'shown' if self.show_thinking else 'hidden'})") + "\n")
+        elif cmd == "/image":
+            self.attach(arg)
         elif cmd == "/thoughts":
             self.write(self.style.dim(self.last_reasoning or "(no thinking in the last answer)") + "\n")
         elif cmd == "/help":
@@ -209,9 +245,30 @@ class ChatREPL:
             self.write(f"unknown command {cmd}; /help lists them\n")
         return False
 
+    def attach(self, path: str) -> None:
+        """/image PATH: the image goes with the next message, as an image_url part with a data URL (also to a
+        server: it fetches nothing, so the image travels in the request)."""
+        if not path:
+            self.write(self.style.dim("(image dropped)" if self.attachment else "usage: /image PATH") + "\n")
+            self.attachment = None
+            return
+        if self.backend.images is False:
+            self.write(f"error: {self.backend.name} is a text model: it does not read images (Janus models do)\n")
+            return
+        try:
+            self.attachment = file_data_url(path)
+        except ValueError as e:
+            self.write(f"error: {e}\n")
+            return
+        self.write(self.style.dim(f"(image attached: {Path(path).name}; it goes with your next message)") + "\n")
+
     def turn(self, text: str) -> None:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        messages.append({"role": "user", "content": text})
+        user: dict[str, Any] = {"role": "user", "content": text}
+        if self.attachment is not None:  # the image first, then the question: Janus' own prompt order
+            user["content"] = [{"type": "image_url", "image_url": {"url": self.attachment}},
+                               {"type": "text", "text": text}]
+        messages.append(user)
         reasoning, answer = [], []
         mode = "start"  # start -> reasoning -> content
         t0 = time.perf_counter()
@@ -253,7 +310,9 @@ class ChatREPL:
         if stats.finish_reason and not interrupted:
             info.append(f"finish: {stats.finish_reason}")
         self.write("\n" + self.style.dim(f"[{', '.join(info)}]") + "\n")
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
+        # the image stays in the conversation: later questions can be about it too
+        self.history += [user, {"role": "assistant", "content": "".join(answer)}]
+        self.attachment = None
 
     def _end_thinking(self, reasoning: list[str]) -> None:
         if self.show_thinking:

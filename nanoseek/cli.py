@@ -423,7 +423,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_model_len=args.max_model_len, chat_template=args.chat_template,
         reasoning_parser=args.reasoning_parser, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes, num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+        max_body_bytes=args.max_body_bytes, max_images=args.max_images,
+        num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
         log_level=args.log_level, compile=args.compile, dtype=args.dtype, device=args.device))
 
 
@@ -437,7 +438,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("serve", help="OpenAI-compatible API server (+ web chat at /)",
+    sp = sub.add_parser("serve", help="OpenAI-compatible API server (+ web chat at /; Janus: images too)",
                         description="See docs/serving.md. Binds 127.0.0.1 unless --host says otherwise.")
     sp.add_argument("--model", required=True, help="model directory" + HUB_NOTE + " (with its tokenizer files)")
     _revision_arg(sp)
@@ -451,7 +452,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
                     help="split <think>...</think> into reasoning_content (auto: if the chat template uses <think>)")
     sp.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     sp.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before 429")
-    sp.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body limit (413 above it)")
+    sp.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                    help="request body limit (413 above it); images in chat messages travel in the body")
+    sp.add_argument("--max-images", type=int, default=4,
+                    help="Janus: images per /v1/images/generations request (n, at most 10; default 4)")
     sp.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP speculative decoding drafts")
     sp.add_argument("--compile", action="store_true",
                     help="compile the decode step at startup (a frozen graph per batch bucket; docs/inference.md)")
@@ -462,7 +466,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     sp = sub.add_parser("chat", help="terminal chat with a model directory (in-process) or a server URL")
     g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="model directory" + HUB_NOTE + ": runs the engine in this process")
+    g.add_argument("--model", help="model directory" + HUB_NOTE + ": runs the engine in this process (a Janus "
+                   "directory also reads images: /image PATH)")
     _revision_arg(sp)
     g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     sp.add_argument("--api-key", default=None, help="with --url (default $NANOSEEK_API_KEY)")

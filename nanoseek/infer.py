@@ -503,6 +503,7 @@ class _Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     text: _Text | None
+    embeds: torch.Tensor | None = None  # (T, D) prompt embeddings replacing the lookup (Janus: image features)
     output: list[int] = field(default_factory=list)
     row: int = -1
     finished: bool = False
@@ -600,9 +601,13 @@ class Engine:
 
     # ---- public API -------------------------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, *, prompt_embeds: torch.Tensor | None = None) -> str:
         """Queue a request (token ids, or text with a tokenizer: BOS is prepended). request_id, when given, must be
-        unique among the live requests; by default "0", "1", ..."""
+        unique among the live requests; by default "0", "1", ...
+
+        prompt_embeds (len(prompt), hidden_size), optional: the prompt's input embeddings, used at prefill instead of
+        the token lookup (Janus: image features over the <image_placeholder> tokens). The ids still count for
+        lengths, penalties and usage; decoding is plain tokens."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -614,6 +619,9 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         n = len(prompt)
+        if prompt_embeds is not None and tuple(prompt_embeds.shape) != (n, self.config.hidden_size):
+            raise ValueError(f"prompt_embeds must be (len(prompt), hidden_size) = ({n}, {self.config.hidden_size}), "
+                             f"got {tuple(prompt_embeds.shape)}")
         if n >= self.max_model_len:
             raise ValueError(f"prompt is {n} tokens, longer than max_model_len - 1 ({self.max_model_len - 1})")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
@@ -630,7 +638,8 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         text = _Text(self.tokenizer, params) if self.tokenizer is not None else None
-        req = _Request(rid, prompt, params, max_tokens, stop_ids, gen, text)
+        embeds = prompt_embeds.to(self.device, self.dtype) if prompt_embeds is not None else None
+        req = _Request(rid, prompt, params, max_tokens, stop_ids, gen, text, embeds)
         with self._lock:
             self._incoming.append(req)
         return rid
@@ -849,7 +858,14 @@ class Engine:
         pos = torch.arange(T, device=self.device).expand(B, T)
         am = None if bool((lens == T).all()) else (pos < lens[:, None]).long()
         rows = CacheRows(self.cache, start, start + B, self.k + 1)
-        h, _ = self.model.trunk(ids, position_ids=pos, attention_mask=am, cache=rows)
+        x = None
+        if any(r.embeds is not None for r in reqs):  # given embeddings win over the lookup, row by row
+            x = self.model.embed_tokens(ids)
+            for i, r in enumerate(reqs):
+                if r.embeds is not None:
+                    x[i, : len(r.prompt)] = r.embeds
+        h, _ = self.model.trunk(None if x is not None else ids, position_ids=pos, attention_mask=am, cache=rows,
+                                inputs_embeds=x)
         if am is not None:
             rows.truncate(lens)
         last = lens - 1

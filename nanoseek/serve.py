@@ -3,15 +3,18 @@
 Read top to bottom (the reasoning split, `<think>...</think>` -> reasoning_content / content as vLLM's deepseek_r1
 parser and DeepSeek's own API, is reasoning.StreamSplitter): OpenAI-shaped errors -> the request schemas (pydantic
 models as vLLM's protocol.py: every parameter checked, unsupported ones rejected naming the `param`) -> the response
-schemas -> the engine thread (one thread runs Engine.step() in a loop; each HTTP request waits on its own asyncio
-queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app (chat completions, completions, models, health,
-metrics, the static web page) -> serve() and a background server for tests. docs/serving.md has the API details
-and the design notes.
+schemas -> the engine thread (one thread runs Engine.step() in a loop, and Janus' image jobs between steps; each
+HTTP request waits on its own asyncio queue) -> Prometheus metrics (prometheus_client) -> the FastAPI app (chat
+completions, completions, image generations, models, health, metrics, the static web page) -> serve() and a
+background server for tests. A Janus-Pro model also reads images in chat messages and generates images
+(nanoseek/multimodal.py has the conversation format and the image I/O). docs/serving.md has the API details and
+the design notes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import ipaddress
@@ -22,8 +25,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -50,6 +54,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from .infer import Engine, RequestOutput, SamplingParams
+from .janus import Janus
+from .multimodal import ImageError, JanusChat, decode_data_url, generate_pngs, generation_prompt
 from .reasoning import END_THINK, StreamSplitter, detect_reasoning
 from .tokenizer import Tokenizer
 
@@ -74,8 +80,8 @@ def _bad(param: str | None, message: str, code: str | None = "invalid_value") ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Request schemas. Chat and completions share _SamplingRequest; an endpoint added later (image generation) derives
-# from OpenAIRequest, and a new content part (image_url) is one more tagged member of ContentPart.
+# Request schemas. Chat and completions share _SamplingRequest; image generation (ImageGenerationRequest) derives
+# from OpenAIRequest alone, and user messages' content parts are text or image_url (UserContentPart).
 
 MAX_N = 16
 MAX_STOP = 16
@@ -152,18 +158,50 @@ class TextPart(BaseModel):
     text: str
 
 
-ContentPart = Annotated[
-    Annotated[TextPart, Tag("text part")],  # (an image_url part will be one more member)
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    # syntax and contents are checked by the server after the model is known (multimodal.decode_data_url): a text
+    # model refuses the part itself, whatever its URL
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's; Janus sees every image at its one input size
+
+
+class ImageURLPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def _part_tag(part: Any) -> str | None:
     # the tag is not the type itself: OpenAI's parts have a key named as their type, which would blur error paths
-    Discriminator(lambda p: f"{p.get('type')} part" if isinstance(p, dict) else None,
-                  custom_error_type="unsupported_parameter",
-                  custom_error_message="only text content parts are supported")]
+    return f"{part.get('type')} part" if isinstance(part, dict) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text part")],
+    Discriminator(_part_tag, custom_error_type="unsupported_parameter",
+                  custom_error_message="only text content parts are supported in this message")]
+
+# user messages may also hold images (a text model refuses them with a 400 naming the part: Server._image_parts)
+UserContentPart = Annotated[
+    Annotated[TextPart, Tag("text part")] | Annotated[ImageURLPart, Tag("image_url part")],
+    Discriminator(_part_tag, custom_error_type="unsupported_parameter",
+                  custom_error_message="only text and image_url content parts are supported")]
+
+
+def _content_form(c: Any) -> str | None:
+    return "string" if isinstance(c, str) else "parts" if isinstance(c, list) else None
+
 
 Content = Annotated[
     Annotated[str, Tag("string")] | Annotated[list[ContentPart], Tag("parts")],
-    Discriminator(lambda c: "string" if isinstance(c, str) else "parts" if isinstance(c, list) else None,
-                  custom_error_type="invalid_type",
+    Discriminator(_content_form, custom_error_type="invalid_type",
                   custom_error_message="message content must be a string or a list of text parts")]
+
+UserContent = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[UserContentPart], Tag("parts")],
+    Discriminator(_content_form, custom_error_type="invalid_type",
+                  custom_error_message="message content must be a string or a list of content parts")]
 
 
 class _Message(BaseModel):
@@ -174,10 +212,17 @@ class _Message(BaseModel):
     content: Content
 
     def for_template(self) -> dict[str, str]:
-        """The chat template's {"role", "content"}; `developer` (OpenAI's newer name) means system."""
+        """The chat template's {"role", "content"}; `developer` (OpenAI's newer name) means system. Text only: a
+        text model refuses image parts before rendering."""
         c = self.content
-        text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
+        text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c if isinstance(p, TextPart))
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"role", "content"} in OpenAI's JSON form, image parts included (multimodal.render_conversation)."""
+        c = self.content
+        return {"role": self.role, "content": c if c is None or isinstance(c, str)
+                else [p.model_dump(exclude_none=True) for p in c]}
 
 
 class SystemMessage(_Message):
@@ -186,6 +231,7 @@ class SystemMessage(_Message):
 
 class UserMessage(_Message):
     role: Literal["user"]
+    content: UserContent
 
 
 class AssistantMessage(_Message):
@@ -345,6 +391,75 @@ class CompletionRequest(_SamplingRequest):
         return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)  # type: ignore[arg-type]
 
 
+MAX_IMAGES = 10  # OpenAI's bound on `n` for image generation; the server's --max-images is usually lower
+
+
+class ImageGenerationRequest(OpenAIRequest):
+    """POST /v1/images/generations, as OpenAI's (images.generate). The model writes one native size, so `size`
+    is that size or "auto"; images come back inline (`b64_json`): the server stores nothing, so it has no URLs.
+    Extensions: `seed`, `guidance_scale` (classifier-free guidance weight, transformers' and diffusers' name; DeepSeek
+    calls it cfg_weight, `nanoseek imagine --cfg`) and `temperature` (0 = greedy) of the image-token sampler."""
+
+    prompt: str
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = None  # None / "auto": the model's native size
+    response_format: str = "b64_json"
+    stream: bool = False  # gpt-image's streaming: SSE events (progress, then each image as it is decoded)
+    partial_images: Annotated[int, _neutral(0)] | None = None
+    output_format: Annotated[str, _neutral("png")] | None = None
+    quality: Annotated[str, _neutral("auto", "standard")] | None = None  # one quality: the model's
+    background: Annotated[str, _neutral("auto", "opaque")] | None = None  # the PNGs are opaque
+    user: str | None = None  # accepted, unused (as chat's)
+    safety_identifier: str | None = None
+    # nanoseek's extensions (the openai client sends them in extra_body); None: generation_config.json's, else 5 / 1
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # torch.Generator.manual_seed's range
+    guidance_scale: float | None = Field(None, ge=1, le=100)  # 1 = no guidance
+    temperature: float | None = Field(None, ge=0, le=2)
+    # OpenAI features this server does not have
+    style: Unsupported = None
+    moderation: Unsupported = None  # there is no moderation model here: any value would promise one
+    output_compression: Unsupported = None
+    complexity: Unsupported = None
+    frame_count: Unsupported = None
+    frame_duration_ms: Unsupported = None
+    svg: Unsupported = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise PydanticCustomError("invalid_value", "the prompt is empty")
+        return prompt
+
+    @field_validator("n")
+    @classmethod
+    def _at_most_max_images(cls, n: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_images")  # the server's --max-images (validation context)
+        if limit is not None and n > limit:
+            raise PydanticCustomError("invalid_value", "at most {limit} images per request on this server "
+                                      "(--max-images)", {"limit": limit})
+        return n
+
+    @field_validator("size")
+    @classmethod
+    def _native_size(cls, size: str, info: ValidationInfo) -> str:
+        native = (info.context or {}).get("image_size")  # None: a text model (refused after the model check)
+        if native is not None and size not in ("auto", f"{native}x{native}"):
+            raise PydanticCustomError("invalid_value", "'{size}' is not supported: this model generates "
+                                      "{native}x{native} images only (or 'auto')", {"size": size, "native": native})
+        return size
+
+    @field_validator("response_format")
+    @classmethod
+    def _inline_only(cls, response_format: str) -> str:
+        if response_format == "url":
+            raise PydanticCustomError("unsupported_parameter", "only 'b64_json' is supported: the server stores no "
+                                      "images, so it has no URLs to return")
+        if response_format != "b64_json":
+            raise PydanticCustomError("invalid_value", "must be 'b64_json'")
+        return response_format
+
+
 R = TypeVar("R", bound=OpenAIRequest)
 
 # pydantic's error types -> OpenAI's codes; the rest are invalid_type (a *_type error) or invalid_value
@@ -402,6 +517,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None  # None: no logprobs; else the number of top alternatives
     max_tokens_param: str  # which field set max_tokens, for error messages
+    images: list[tuple[str, str]] = field(default_factory=list)  # Janus: (param, data URL) of each image, in order
 
     @property
     def num_sequences(self) -> int:
@@ -538,11 +654,70 @@ class ModelCard(_Response):
     created: int
     owned_by: str
     max_model_len: int
+    # what the model reads and writes (OpenRouter's names): ["text"], or ["text", "image"] for Janus (the web page
+    # shows its image tab and attach button from these)
+    input_modalities: list[str]
+    output_modalities: list[str]
 
 
 class ModelList(_Response):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class ImageData(_Response):
+    b64_json: str  # a PNG
+    revised_prompt: str | None  # null: the prompt is used as written
+
+
+class ImageTokensDetails(_Response):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImageUsage(_Response):  # gpt-image's usage: the prompt's tokens in, image tokens out
+    input_tokens: int
+    input_tokens_details: ImageTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
+class ImagesResponse(_Response):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: Literal["png"]
+    usage: ImageUsage
+
+
+class ImageProgressEvent(_Response):
+    """nanoseek's stream event (OpenAI's has none): `step` of `steps` image tokens sampled for the request's
+    images (they are sampled together); step == steps: the VQ decoder is turning them into pixels."""
+
+    type: Literal["image_generation.progress"]
+    created_at: int
+    step: int
+    steps: int
+
+    def sse(self) -> str:
+        return f"event: {self.type}\n" + super().sse()
+
+
+class ImageCompletedEvent(_Response):
+    """OpenAI's `image_generation.completed` stream event, one per image (`index`: nanoseek's, for n > 1)."""
+
+    type: Literal["image_generation.completed"]
+    index: int
+    b64_json: str
+    created_at: int
+    size: str
+    output_format: Literal["png"]
+    background: Literal["opaque"]
+    quality: Literal["auto"]
+    usage: ImageUsage
+
+    def sse(self) -> str:
+        return f"event: {self.type}\n" + super().sse()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,11 +735,88 @@ class ClientGone(Exception):
 CLIENT_GONE = ClientGone()  # put on a request's queue when its client disconnects
 
 
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class _JobEnd:
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Job:
+    """Model work other than the engine's steps (image features, image generation), run on the engine thread: one
+    thread runs every model forward, so a long image generation and the text batch never compete for the cores
+    with two OpenMP teams (docs/serving.md), and the event loop never runs model code.
+
+    `fn(job)` runs on the engine thread; it reports to the request with `job.emit(item)` (items arrive on the
+    request's asyncio queue, in order) and checks `job.check()` between its steps, which raises JobCancelled once
+    the client has gone. The request reads `events()` until the job's end."""
+
+    def __init__(self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop,
+                 on_end: Callable[[_JobEnd], None] | None = None) -> None:
+        self.fn, self.loop, self.on_end = fn, loop, on_end
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.result: Any = None  # fn's return value, once events() has returned
+
+    def emit(self, item: Any) -> None:  # engine thread -> event loop
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def end(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Engine thread: the job is over (ran, failed, or skipped). `on_end` runs on the loop whether or not
+        anyone still reads the events (a client that left, a stream whose body never started)."""
+
+        def ended(end: _JobEnd) -> None:
+            self.queue.put_nowait(end)
+            if self.on_end is not None:
+                self.on_end(end)
+
+        self.loop.call_soon_threadsafe(ended, _JobEnd(result, error))
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled
+
+    def cancel(self) -> None:  # event loop: a job not started yet is skipped, a running one stops at its next check
+        self.cancelled.set()
+
+    def watch(self, request: Request) -> asyncio.Task:
+        """Cancel the job, and wake its reader, when the client disconnects (see _Submission.watch)."""
+
+        async def until_gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+            self.queue.put_nowait(CLIENT_GONE)
+
+        return asyncio.get_running_loop().create_task(until_gone())
+
+    async def events(self) -> AsyncIterator[Any]:
+        """The emitted items; then returns, or raises the job's error (EngineDead -> 503, ClientGone)."""
+        while True:
+            item = await self.queue.get()
+            if item is CLIENT_GONE:
+                raise item
+            if isinstance(item, _JobEnd):
+                if isinstance(item.error, EngineDead):
+                    raise APIError(503, str(item.error), "server_error", code="engine_unavailable")
+                if item.error is not None:
+                    raise item.error
+                self.result = item.result
+                return
+            yield item
+
+
 class EngineWorker:
     """Runs Engine.step() in a loop on one thread; outputs go to per-request asyncio queues on the server's loop.
 
     Engine.add_request/abort are thread-safe, so the event loop calls them directly; the worker only steps.
     Every step's outputs are handed over in one call_soon_threadsafe (one loop wake-up per step, not per token).
+    Jobs (image features, image generation) run on the same thread between steps, in arrival order; a long job
+    calls `interleave()` between its own steps, which runs one engine step when the text batch has work, so chats
+    keep streaming while an image is generated.
     """
 
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
@@ -577,6 +829,10 @@ class EngineWorker:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # appended on the loop, popped on the engine thread (deque ops are atomic); short jobs (an image's features)
+        # also run between a long job's steps (an image generation), so an image chat does not wait minutes for it
+        self._jobs: deque[Job] = deque()
+        self._short: deque[Job] = deque()
 
     @property
     def in_flight(self) -> int:
@@ -598,12 +854,42 @@ class EngineWorker:
     def alive(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt: list[int], params: SamplingParams, rid: str, queue: asyncio.Queue) -> None:
+    def submit(self, prompt: list[int], params: SamplingParams, rid: str, queue: asyncio.Queue,
+               prompt_embeds: Any = None) -> None:
         """Called on the event loop. Raises ValueError (from the engine's own checks) for a bad request."""
-        self.engine.add_request(prompt, params, rid)
+        self.engine.add_request(prompt, params, rid, prompt_embeds=prompt_embeds)
         self.queues[rid] = queue
         self.started[rid] = time.perf_counter()
         self._wake.set()
+
+    def start_job(self, fn: Callable[[Job], Any], on_end: Callable[[_JobEnd], None] | None = None, *,
+                  short: bool = False) -> Job:
+        """Called on the event loop: queue `fn` for the engine thread (see Job). A short job (seconds at most) may
+        run inside a long one's interleave(); a long one runs alone, after the jobs before it."""
+        assert self._loop is not None
+        job = Job(fn, self._loop, on_end)
+        (self._short if short else self._jobs).append(job)
+        self._wake.set()
+        if not self.alive:  # the thread died meanwhile: nobody would run it
+            self._end_jobs()
+        return job
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run a short fn on the engine thread and return its result (its exception raised here)."""
+        job = self.start_job(lambda _: fn(), short=True)
+        async for _ in job.events():
+            pass
+        return job.result
+
+    def interleave(self) -> None:
+        """Called by a running long job on the engine thread: the short jobs waiting, then one engine step if the
+        text batch has work. Raises EngineDead if that step fails (the job cannot go on with a broken model)."""
+        if self.error is not None:
+            raise EngineDead(f"the engine failed: {type(self.error).__name__}: {self.error}")
+        while self._short:
+            self._run_job(self._short.popleft())
+        if self.engine.has_work() and not self._step():
+            raise EngineDead(f"the engine failed: {type(self.error).__name__}: {self.error}")
 
     def abort(self, rid: str) -> None:
         if rid in self.queues:
@@ -614,18 +900,52 @@ class EngineWorker:
         assert self._loop is not None
         while not self._stopping:
             self._wake.clear()
+            if self._short or self._jobs:
+                self._run_job((self._short or self._jobs).popleft())
+                if self.error is not None:
+                    break
+                continue
             if not self.engine.has_work():
                 self._wake.wait(0.5)
                 continue
+            if not self._step():
+                break
+        self._end_jobs()
+
+    def _step(self) -> bool:
+        """One engine step, its outputs handed to the loop; False if the engine failed (the thread then ends)."""
+        assert self._loop is not None
+        try:
+            outs = self.engine.step()
+        except BaseException as e:  # noqa: BLE001 - reported to every waiting request, then the thread ends
+            log.exception("engine step failed; the server stops accepting requests")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+            return False
+        if outs:
+            self._loop.call_soon_threadsafe(self._dispatch, outs, time.perf_counter())
+        return True
+
+    def _run_job(self, job: Job) -> None:
+        if job.cancelled.is_set():  # its client left while it waited
+            job.end(error=JobCancelled())
+            return
+        try:
+            result = job.fn(job)
+        except BaseException as e:  # noqa: BLE001 - the job's own failure is its request's, not the server's
+            job.end(error=e)
+        else:
+            job.end(result=result)
+
+    def _end_jobs(self) -> None:
+        """Jobs that will never run (the thread has ended or is ending) fail as the engine did."""
+        while self._short or self._jobs:
             try:
-                outs = self.engine.step()
-            except BaseException as e:  # noqa: BLE001 - reported to every waiting request, then the thread ends
-                log.exception("engine step failed; the server stops accepting requests")
-                self.error = e
-                self._loop.call_soon_threadsafe(self._fail_all, e)
-                return
-            if outs:
-                self._loop.call_soon_threadsafe(self._dispatch, outs, time.perf_counter())
+                job = (self._short or self._jobs).popleft()
+            except IndexError:
+                break
+            job.end(error=EngineDead("the engine is not running" if self.error is None else
+                                     f"the engine failed: {type(self.error).__name__}: {self.error}"))
 
     def _dispatch(self, outs: list[RequestOutput], now: float) -> None:
         m = self.metrics
@@ -686,6 +1006,10 @@ class Metrics:
                              buckets=_LATENCY, registry=r)
         self.e2e = Histogram("nanoseek_e2e_request_latency_seconds",
                              "Time from arrival to the last token of a sequence.", buckets=_LATENCY, registry=r)
+        self.images = Counter("nanoseek_images_total", "Images generated (Janus).", registry=r)
+        self.image_latency = Histogram("nanoseek_image_request_seconds",
+                                       "Time from arrival to the last image of an image generation request.",
+                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200), registry=r)
 
     def watch(self, worker: EngineWorker) -> None:
         self.registry.register(_EngineState(worker))
@@ -723,6 +1047,7 @@ class ServeConfig:
     max_batch: int = 8
     max_queue: int = 64  # sequences waiting beyond the batch before requests get 429
     max_body_bytes: int = 4 * 2**20
+    max_images: int = 4  # Janus: images per /v1/images/generations request (n); they are sampled as one batch
     num_speculative_tokens: int = 0
     seed: int | None = None
     log_level: str = "info"
@@ -734,14 +1059,23 @@ class ServeConfig:
         from .device import dtype_name
 
         dtype_name(self.dtype)  # a bad --dtype fails before the model is read
+        if not 1 <= self.max_images <= MAX_IMAGES:
+            raise ValueError(f"max_images must be in [1, {MAX_IMAGES}], got {self.max_images}")
 
 
 class Server:
-    """The loaded model, engine, worker and FastAPI app of `nanoseek serve`."""
+    """The loaded model, engine, worker and FastAPI app of `nanoseek serve`. With `janus` (a Janus-Pro directory)
+    the engine runs its LLM for chat, images in chat messages become prompt embeddings, and
+    /v1/images/generations generates images on the engine thread."""
 
     def __init__(self, cfg: ServeConfig, engine: Engine, tokenizer: Tokenizer,
-                 generation_defaults: dict[str, float] | None = None) -> None:
+                 generation_defaults: dict[str, float] | None = None, janus: JanusChat | None = None,
+                 image_defaults: dict[str, float] | None = None) -> None:
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        self.janus = janus
+        # Janus-Pro's image sampling (generation_config.json: guidance_scale 5, temperature 1)
+        self.image_defaults = {"guidance_scale": 5.0, "temperature": 1.0, **(image_defaults or {})}
+        self.image_requests = 0  # image generation requests running or waiting (429 beyond 1 + max_queue)
         self.name = cfg.served_model_name or Path(cfg.model).resolve().name
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOSEEK_API_KEY") or None
         self.reasoning = detect_reasoning(tokenizer, cfg.reasoning_parser)
@@ -766,14 +1100,29 @@ class Server:
         if cfg.chat_template is not None:
             tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
         model = load(model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
+        janus = None
+        g = json.loads((model_dir / "generation_config.json").read_text()) \
+            if (model_dir / "generation_config.json").is_file() else {}
+        g = {k: float(v) for k, v in g.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if isinstance(model, Janus):
+            from .imagine import read_processor_config
+
+            if cfg.chat_template is not None:
+                raise ValueError("--chat-template does not apply to a Janus model: its chats use DeepSeek's Janus "
+                                 "conversation format, as `nanoseek generate --image` (docs/janus.md)")
+            janus = JanusChat(model, tokenizer, read_processor_config(model_dir, model.config))
+            model = model.language_model  # the engine runs the LLM; images reach it as prompt embeddings
+            # Janus' generation_config.json is image generation's (guidance_scale, temperature): chat keeps
+            # OpenAI's defaults, and DeepSeek's own chat demo samples too
+            defaults: dict[str, float] = {}
+            image_defaults = {k: g[k] for k in ("guidance_scale", "temperature") if k in g}
+        else:
+            # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)
+            defaults = {k: g[k] for k in ("temperature", "top_p") if k in g}
+            image_defaults = {}
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
                         num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile)
-        defaults: dict[str, float] = {}
-        gen = model_dir / "generation_config.json"
-        if gen.is_file():  # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)
-            g = json.loads(gen.read_text())
-            defaults = {k: float(g[k]) for k in ("temperature", "top_p") if isinstance(g.get(k), int | float)}
-        return cls(cfg, engine, tokenizer, defaults)
+        return cls(cfg, engine, tokenizer, defaults, janus, image_defaults)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
@@ -818,10 +1167,14 @@ class Server:
         if kind == "chat":
             chat = parse_request(ChatCompletionRequest, body)
             self._check_model(chat.model)
-            prompt = self._encode_chat([m.for_template() for m in chat.messages])
+            images = self._image_parts(chat.messages)
+            if self.janus is not None:
+                prompt = self._encode_janus_chat([m.as_dict() for m in chat.messages])
+            else:
+                prompt = self._encode_chat([m.for_template() for m in chat.messages])
             params = chat.sampling_params(chat.max_new_tokens, chat.logprobs_k, self.defaults)
             return GenerationRequest("chat", [prompt], params, chat.n, chat.stream, chat.include_usage,
-                                     chat.logprobs_k, chat.max_tokens_param)
+                                     chat.logprobs_k, chat.max_tokens_param, images)
         c = parse_request(CompletionRequest, body, vocab_size=self.engine.vocab_size)
         self._check_model(c.model)
         prompts = [self._encode_text(p) if isinstance(p, str) else p for p in c.prompts()]
@@ -836,6 +1189,49 @@ class Server:
             return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except Exception as e:  # a template's raise_exception (e.g. role order), or a rendering error
             raise _bad("messages", f"the chat template could not render the messages: {e}") from e
+
+    def _image_parts(self, messages: list[Any]) -> list[tuple[str, str]]:
+        """(param, url) of every image part; a text model refuses the first one (OpenAI: "image_url is only
+        supported by certain models")."""
+        images = [(f"messages[{i}].content[{j}]", p.image_url.url) for i, m in enumerate(messages)
+                  if isinstance(m.content, list) for j, p in enumerate(m.content) if isinstance(p, ImageURLPart)]
+        if images and self.janus is None:
+            raise _bad(images[0][0], f"The model '{self.name}' is a text model: it does not read images "
+                       "(image_url content parts need a Janus model)", "unsupported_parameter")
+        return [(f"{param}.image_url.url", url) for param, url in images]
+
+    def _encode_janus_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        assert self.janus is not None
+        try:
+            return self.janus.prompt(messages)
+        except ValueError as e:  # placeholders typed into the text
+            raise _bad("messages", str(e)) from e
+
+    async def _prompt_embeds(self, req: GenerationRequest) -> Any:
+        """Janus: decode the request's images (a worker thread: Pillow, off the event loop), then their features
+        over the prompt's placeholders (the engine thread: the model's forwards all run there)."""
+        if not req.images:
+            return None
+        janus = self.janus
+        assert janus is not None
+
+        def pixels() -> Any:
+            images = []
+            for param, url in req.images:
+                try:
+                    images.append(decode_data_url(url))
+                except ImageError as e:
+                    raise APIError(400, f"Invalid '{param}': {e}", param=param, code=e.code) from None
+            return janus.pixels(images)
+
+        values = await asyncio.to_thread(pixels)
+        self._check_alive()
+        return await self.worker.call(lambda: janus.embeds(req.prompts[0], values))
+
+    def _check_alive(self) -> None:
+        if not self.worker.alive:
+            raise APIError(503, "The engine is not running; the server cannot generate.", "server_error",
+                           code="engine_unavailable")
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
@@ -853,11 +1249,9 @@ class Server:
                            f"{sp.max_tokens} in the completion). Please reduce the length of the {where} or "
                            "completion.", "context_length_exceeded")
 
-    def _submit(self, req: GenerationRequest, base: str, request: Request) -> _Submission:
+    def _submit(self, req: GenerationRequest, base: str, request: Request, prompt_embeds: Any = None) -> _Submission:
         w = self.worker
-        if not w.alive:
-            raise APIError(503, "The engine is not running; the server cannot generate.", "server_error",
-                           code="engine_unavailable")
+        self._check_alive()
         capacity = self.cfg.max_batch + self.cfg.max_queue
         if w.in_flight + req.num_sequences > capacity:
             raise APIError(429, f"The server is overloaded: {w.in_flight} sequences in flight, capacity "
@@ -866,7 +1260,7 @@ class Server:
         try:
             for i, sp in enumerate(req.params):
                 rid = f"{base}-{i}"
-                w.submit(req.prompts[i // req.n], sp, rid, sub.queue)
+                w.submit(req.prompts[i // req.n], sp, rid, sub.queue, prompt_embeds)
                 sub.add(rid)
         except ValueError as e:  # the engine's own checks; take back what was already queued
             sub.abort()
@@ -943,9 +1337,10 @@ class Server:
         self._check_auth(request)
         req = self._generation_request(await self._read_json(request), kind)
         self._check_lengths(req)
+        embeds = await self._prompt_embeds(req)  # Janus: the images' features (400 for a bad image)
         base = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         # submitted before the response starts: overload and engine errors are still an HTTP status
-        sub = self._submit(req, base, request)
+        sub = self._submit(req, base, request, embeds)
         if req.stream:
             return StreamingResponse(self._stream(req, base, sub), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -954,6 +1349,108 @@ class Server:
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the log shows it
         return JSONResponse(self._response(req, base, outs, splitters).dump())
+
+    async def images_generations(self, request: Request) -> Response:
+        """POST /v1/images/generations (Janus): n images for a prompt, sampled together as one job on the engine
+        thread (docs/serving.md); a client that disconnects cancels the job within one image-token step."""
+        self._check_auth(request)
+        body = await self._read_json(request)
+        janus = self.janus
+        req = parse_request(ImageGenerationRequest, body, max_images=self.cfg.max_images,
+                            image_size=janus.image_size if janus is not None else None)
+        self._check_model(req.model)
+        if janus is None:
+            raise _bad("model", f"The model '{self.name}' is a text model: it does not generate images "
+                       "(/v1/images/generations needs a Janus model)")
+        cfg = janus.config
+        ids = generation_prompt(self.tokenizer, cfg, req.prompt)
+        N, limit = cfg.num_image_tokens, cfg.text.max_position_embeddings
+        if len(ids) + N > limit:
+            raise _bad("prompt", f"This model's maximum context length is {limit} tokens. However, your prompt "
+                       f"resulted in {len(ids)} tokens, and an image takes {N} more.", "context_length_exceeded")
+        self._check_alive()
+        capacity = 1 + self.cfg.max_queue  # one runs, the others wait their turn
+        if self.image_requests >= capacity:
+            raise APIError(429, f"The server is overloaded: {self.image_requests} image requests in flight, "
+                           f"capacity {capacity}. Retry later.", "rate_limit_error", code="rate_limit_exceeded")
+        guidance = self.image_defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+        temperature = self.image_defaults["temperature"] if req.temperature is None else req.temperature
+        size = f"{janus.image_size}x{janus.image_size}"
+        per_image = ImageUsage(input_tokens=len(ids), output_tokens=N, total_tokens=len(ids) + N,
+                               input_tokens_details=ImageTokensDetails(text_tokens=len(ids), image_tokens=0))
+
+        def run(job: Job) -> None:  # on the engine thread
+            last = -1
+
+            def progress(i: int, total: int) -> None:
+                nonlocal last
+                job.check()  # the client left: stop here (JobCancelled)
+                if (pct := 100 * i // total) != last:  # at most ~100 events, whatever the token count
+                    last = pct
+                    job.emit(("progress", i, total))
+
+            for index, png in generate_pngs(janus.model, self.tokenizer, janus.processor, ids, n=req.n,
+                                            guidance_scale=guidance, temperature=temperature, seed=req.seed,
+                                            progress=progress, between=self.worker.interleave):
+                job.check()
+                job.emit(("image", index, png))
+
+        t0 = time.perf_counter()
+
+        def finished(end: _JobEnd) -> None:  # on the loop, however the job ended
+            self.image_requests -= 1
+            if end.error is None:
+                self.metrics.images.inc(req.n)
+                self.metrics.image_latency.observe(time.perf_counter() - t0)
+
+        self.image_requests += 1
+        job = self.worker.start_job(run, finished)
+        watcher = job.watch(request)
+        if req.stream:
+            return StreamingResponse(self._image_stream(job, watcher, size, per_image), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pngs: dict[int, bytes] = {}
+        try:
+            async for kind, a, b in job.events():
+                if kind == "image":
+                    pngs[a] = b
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            job.cancel()
+            watcher.cancel()
+        n_in = len(ids) * req.n
+        return JSONResponse(ImagesResponse(
+            created=int(time.time()), size=size, output_format="png",
+            data=[ImageData(b64_json=base64.b64encode(pngs[i]).decode("ascii"), revised_prompt=None)
+                  for i in sorted(pngs)],
+            usage=ImageUsage(input_tokens=n_in, output_tokens=N * req.n, total_tokens=n_in + N * req.n,
+                             input_tokens_details=ImageTokensDetails(text_tokens=n_in, image_tokens=0))).dump())
+
+    async def _image_stream(self, job: Job, watcher: asyncio.Task, size: str, usage: ImageUsage
+                            ) -> AsyncIterator[str]:
+        """SSE as gpt-image's stream (`event:` + `data:` lines): nanoseek's progress events, then one
+        `image_generation.completed` per image as it is decoded. Its `finally` cancels the job however it ends."""
+        try:
+            async for kind, a, b in job.events():
+                now = int(time.time())
+                if kind == "progress":
+                    yield ImageProgressEvent(type="image_generation.progress", created_at=now, step=a,
+                                             steps=b).sse()
+                else:
+                    yield ImageCompletedEvent(type="image_generation.completed", index=a, created_at=now, size=size,
+                                              b64_json=base64.b64encode(b).decode("ascii"), output_format="png",
+                                              background="opaque", quality="auto", usage=usage).sse()
+        except (ClientGone, JobCancelled):
+            return  # nobody is reading
+        except APIError as e:  # mid-stream the status is sent: the openai client raises on an error event
+            yield e.body().sse()
+        except Exception:  # a bug: the status line has gone, so it becomes an error event (traceback in the log)
+            log.exception("image generation failed")
+            yield APIError(500, "Internal server error", "server_error", code="internal_error").body().sse()
+        finally:
+            job.cancel()
+            watcher.cancel()
 
     def _response(self, req: GenerationRequest, base: str, outs: dict[int, RequestOutput],
                   splitters: list[StreamSplitter] | None) -> ChatCompletion | Completion:
@@ -1033,8 +1530,10 @@ class Server:
             sub.abort()
 
     def _model_card(self) -> ModelCard:
+        modalities = ["text", "image"] if self.janus is not None else ["text"]
         return ModelCard(id=self.name, object="model", created=self.created, owned_by="nanoseek",
-                         max_model_len=self.engine.max_model_len)
+                         max_model_len=self.engine.max_model_len, input_modalities=modalities,
+                         output_modalities=list(modalities))
 
     # ---- the app ---------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
@@ -1080,6 +1579,7 @@ class Server:
 
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/images/generations", self.images_generations, methods=["POST"])
 
         @app.get("/health")
         async def health() -> JSONResponse:
@@ -1170,7 +1670,7 @@ class _Submission:
 class _CountResponses:
     """Pure ASGI middleware counting API responses by path and status (BaseHTTPMiddleware would wrap streams)."""
 
-    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/images/generations", "/v1/models")
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics

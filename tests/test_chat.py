@@ -123,3 +123,89 @@ def test_chat_against_a_server_url(model_dir: Path) -> None:
         bad = HTTPBackend(url, api_key="wrong", model="r1")  # a named model: nothing asked before the first turn
         text, _ = drive(bad, ["hi"], color="never")
         assert f"error: the server {url}/v1 rejected the API key (HTTP 401)" in text
+
+
+# ---- a Janus model: /image attaches a picture to the next message -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .test_serve_janus import make_janus_dir
+
+    return make_janus_dir(tmp_path_factory.mktemp("chat-janus"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def greedy_answer(janus_dir: Path, photo: Path, question: str, max_tokens: int) -> str:
+    """`nanoseek generate --image` in-process: the reference answer."""
+    from nanoseek.imagine import load_janus, open_image, read_processor_config, understand
+    from nanoseek.tokenizer import Tokenizer
+
+    model, tok = load_janus(janus_dir), Tokenizer.load(janus_dir)
+    ids = understand(model, tok, open_image(photo), question, read_processor_config(janus_dir, model.config),
+                     max_tokens=max_tokens)
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_image_command_with_a_local_janus_model(janus_dir: Path, photo: Path, tmp_path: Path) -> None:
+    backend = LocalBackend(janus_dir)
+    seen: list[list[dict]] = []
+    inner = backend.stream
+
+    def spy(messages: list[dict], sampling: dict) -> Iterator[tuple[str, str]]:
+        seen.append(list(messages))
+        return inner(messages, sampling)
+
+    backend.stream = spy  # type: ignore[method-assign]
+    (tmp_path / "notes.txt").write_text("not an image")
+    text, repl = drive(backend, [f"/image {tmp_path / 'none.png'}", f"/image {tmp_path / 'notes.txt'}",
+                                 f"/image {photo}", "what is in this picture", "and now", f"/image {photo}",
+                                 "/image", "/image"],
+                       color="never", sampling={"temperature": 0, "max_tokens": 6})
+    assert f"error: image {tmp_path / 'none.png'} does not exist" in text
+    assert "error: cannot read image" in text
+    assert "(image attached: photo.jpg; it goes with your next message)" in text
+    assert "(image dropped)" in text and "usage: /image PATH" in text
+    first, second = seen
+    image, question = first[0]["content"]
+    assert image["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert question == {"type": "text", "text": "what is in this picture"}
+    assert second[0] == first[0] and second[2] == {"role": "user", "content": "and now"}  # the image stays
+    answer = greedy_answer(janus_dir, photo, "what is in this picture", 6)
+    assert second[1] == {"role": "assistant", "content": answer} and answer
+    assert repl.attachment is None
+
+
+def test_image_command_needs_a_model_that_reads_images(local: LocalBackend, photo: Path) -> None:
+    text, repl = drive(local, [f"/image {photo}"], color="never")
+    assert "is a text model: it does not read images" in text and repl.attachment is None
+
+
+def test_image_command_against_a_janus_server(janus_dir: Path, photo: Path) -> None:
+    srv = Server.from_config(ServeConfig(model=str(janus_dir), served_model_name="janus"))
+    with BackgroundServer(srv) as url:
+        backend = HTTPBackend(url, api_key="none")
+        text, repl = drive(backend, [f"/image {photo}", "what is in this picture"], color="never",
+                           sampling={"temperature": 0, "max_tokens": 6})
+    answer = greedy_answer(janus_dir, photo, "what is in this picture", 6)
+    assert f"> {answer}\n" in text and "finish: length" in text  # the server read the image: the same answer
+    assert repl.history[0]["content"][0]["type"] == "image_url"
+
+
+def test_cli_chat_with_a_janus_model(janus_dir: Path, photo: Path) -> None:
+    script = f"/image {photo}\nwhat is in this picture\n/exit\n"
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "nanoseek.cli", "chat", "--model", str(janus_dir), "--temperature",
+                        "0", "--max-tokens", "6"], input=script, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "(image attached: photo.jpg" in p.stdout
+    assert greedy_answer(janus_dir, photo, "what is in this picture", 6) in p.stdout

@@ -349,6 +349,19 @@ def test_message_errors(client: openai.OpenAI) -> None:
     assert r.choices[0].message.content == ANSWER
 
 
+def test_a_text_model_refuses_images(client: openai.OpenAI) -> None:
+    url = "data:image/png;base64,iVBORw0KGgo="
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+    assert (e.value.param, e.value.code) == ("messages[0].content[1]", "unsupported_parameter")
+    assert "text model" in e.value.message and "Janus" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="tiny-r1", prompt="a red bicycle")
+    assert e.value.param == "model" and "does not generate images" in e.value.message
+    assert client.models.list().data[0].model_extra["input_modalities"] == ["text"]
+
+
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

@@ -1,5 +1,7 @@
 // nanoseek web chat: streams /v1/chat/completions (fetch + ReadableStream, SSE parsed by hand: EventSource
 // cannot POST or send an Authorization header). Text is inserted with textContent only, never as HTML.
+// With a Janus model (the model card's modalities include "image") an Images tab streams /v1/images/generations
+// (progress events, then each image), and an image can be attached to a chat message (a data URL content part).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,9 +11,20 @@ const els = {
   topP: $("top-p"), topPValue: $("top-p-value"), maxTokens: $("max-tokens"), showThinking: $("show-thinking"),
   messages: $("messages"), empty: $("empty"), error: $("error"), composer: $("composer"), prompt: $("prompt"),
   send: $("send"), stop: $("stop"),
+  tabs: $("tabs"), tabChat: $("tab-chat"), tabImages: $("tab-images"), imagesView: $("images-view"),
+  imageForm: $("image-form"), imagePrompt: $("image-prompt"), imageN: $("image-n"), imageSeed: $("image-seed"),
+  imageGuidance: $("image-guidance"), imageGuidanceValue: $("image-guidance-value"), generate: $("generate"),
+  imageStop: $("image-stop"), imageProgress: $("image-progress"), imageProgressBar: $("image-progress-bar"),
+  imageStatus: $("image-status"), gallery: $("gallery"), galleryEmpty: $("gallery-empty"),
+  attach: $("attach"), imageFile: $("image-file"), attachment: $("attachment"),
+  attachmentPreview: $("attachment-preview"), attachmentName: $("attachment-name"),
+  attachmentRemove: $("attachment-remove"),
 };
 const history = []; // {role, content}: the answers only; R1 is not shown its past reasoning
 let controller = null;
+let imageController = null;
+let models = []; // the server's model cards
+let attached = null; // {url, name}: the image going with the next message
 
 // ---- settings, kept in localStorage (the API key too: it never leaves this browser except to this server) ----
 const SETTINGS = ["apiKey", "system", "temperature", "topP", "maxTokens", "showThinking"];
@@ -66,15 +79,90 @@ async function loadModels() {
       return;
     }
     const { data } = await r.json();
+    models = data;
     els.model.replaceChildren(...data.map((m) => new Option(m.id, m.id)));
+    showCapabilities();
     showError("");
   } catch (e) {
     showError(`cannot reach the server: ${e.message}`);
   }
 }
 
+// ---- what the model does: a Janus model reads and writes images (the model card's modalities) ----
+function currentModel() {
+  return models.find((m) => m.id === els.model.value) || {};
+}
+
+function showCapabilities() {
+  const m = currentModel();
+  const reads = (m.input_modalities || []).includes("image");
+  const writes = (m.output_modalities || []).includes("image");
+  els.tabs.hidden = !writes;
+  els.attach.hidden = !reads;
+  if (!reads) clearAttachment();
+  if (!writes) showView("chat");
+}
+
+function showView(view) {
+  const images = view === "images";
+  els.messages.hidden = images;
+  els.composer.hidden = images;
+  els.attachment.hidden = images || !attached;
+  els.imagesView.hidden = !images;
+  els.tabChat.setAttribute("aria-selected", String(!images));
+  els.tabImages.setAttribute("aria-selected", String(images));
+  showError("");
+  (images ? els.imagePrompt : els.prompt).focus();
+}
+
+// ---- an image attached to the next chat message: read as a data URL, sent as an image_url content part ----
+function attachFile(file) {
+  if (!file) return;
+  if (!["image/png", "image/jpeg"].includes(file.type)) {
+    showError(`${file.name}: only PNG and JPEG images can be attached`);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      attached = { url: shrink(img, reader.result, file.type), name: file.name };
+      els.attachmentPreview.src = attached.url;
+      els.attachmentName.textContent = file.name;
+      els.attachment.hidden = false;
+      showError("");
+    };
+    img.onerror = () => showError(`${file.name} is not an image this browser can read`);
+    img.src = reader.result;
+  };
+  reader.onerror = () => showError(`cannot read ${file.name}`);
+  reader.readAsDataURL(file);
+}
+
+// A camera photo is larger than the server's default body limit (4 MiB) and the model reads 384 px anyway: an
+// image whose long side exceeds MAX_SIDE is scaled down here (same format) before it is sent; smaller ones go as
+// they are, byte for byte.
+const MAX_SIDE = 1024;
+
+function shrink(img, url, type) {
+  const scale = MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight);
+  if (scale >= 1) return url;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(img.naturalWidth * scale);
+  canvas.height = Math.round(img.naturalHeight * scale);
+  canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL(type, 0.92);
+}
+
+function clearAttachment() {
+  attached = null;
+  els.attachment.hidden = true;
+  els.attachmentPreview.removeAttribute("src");
+  els.imageFile.value = "";
+}
+
 // ---- messages ----
-function addMessage(role, text) {
+function addMessage(role, text, imageUrl) {
   els.empty.hidden = true;
   const div = document.createElement("div");
   div.className = `msg ${role}`;
@@ -93,6 +181,13 @@ function addMessage(role, text) {
     meta.className = "meta";
     div.append(thinking, content, meta);
   } else {
+    if (imageUrl) {
+      const img = document.createElement("img");
+      img.className = "attached";
+      img.alt = "attached image";
+      img.src = imageUrl;
+      div.append(img);
+    }
     const content = document.createElement("div");
     content.className = "content";
     content.textContent = text;
@@ -126,10 +221,12 @@ async function* sseData(response) {
   }
 }
 
-async function send(text) {
+async function send(text, image) {
   showError("");
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  // with an image: OpenAI's content parts, the image first (Janus' own prompt order); it stays in the history
+  const userContent = image ? [{ type: "image_url", image_url: { url: image.url } }, { type: "text", text }] : text;
+  history.push({ role: "user", content: userContent });
+  addMessage("user", text, image && image.url);
   const div = addMessage("assistant");
   div.classList.add("streaming");
   const thinking = div.querySelector(".thinking");
@@ -210,7 +307,99 @@ function setBusy(busy) {
   els.send.hidden = busy;
   els.stop.hidden = !busy;
   els.prompt.disabled = busy;
+  els.attach.disabled = busy;
   if (!busy) els.prompt.focus();
+}
+
+// ---- images: /v1/images/generations streamed (progress events, then each image as it is decoded) ----
+function seconds(s) {
+  return s < 90 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(1)} min`;
+}
+
+async function generateImages(prompt) {
+  showError("");
+  const n = Math.max(1, Math.round(Number(els.imageN.value) || 1));
+  const body = { model: els.model.value, prompt, n, stream: true, guidance_scale: Number(els.imageGuidance.value) };
+  if (els.imageSeed.value !== "") body.seed = Number(els.imageSeed.value);
+  els.galleryEmpty.hidden = true;
+  const block = document.createElement("figure");
+  block.className = "generation busy";
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  const slots = [];
+  for (let i = 0; i < n; i++) {
+    const slot = document.createElement("div");
+    slot.className = "slot";
+    grid.append(slot);
+    slots.push(slot);
+  }
+  const caption = document.createElement("figcaption");
+  caption.textContent = prompt;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  block.append(grid, caption, meta);
+  els.gallery.prepend(block);
+
+  imageController = new AbortController();
+  setImageBusy(true);
+  const t0 = performance.now();
+  let done = 0;
+  let stopped = false;
+  try {
+    const r = await fetch("/v1/images/generations", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: imageController.signal,
+    });
+    if (!r.ok) throw new Error(await errorMessage(r));
+    for await (const data of sseData(r)) {
+      const event = JSON.parse(data);
+      if (event.error) throw new Error(event.error.message);
+      const elapsed = (performance.now() - t0) / 1000;
+      if (event.type === "image_generation.progress") {
+        els.imageProgressBar.value = (100 * event.step) / event.steps;
+        const left = event.step ? (elapsed * (event.steps - event.step)) / event.step : 0;
+        els.imageStatus.textContent = event.step < event.steps
+          ? `sampling image tokens ${event.step}/${event.steps} · ${seconds(elapsed)}` +
+            (event.step > 2 ? ` · about ${seconds(left)} left` : "")
+          : `decoding ${n > 1 ? "the images" : "the image"} · ${seconds(elapsed)}`;
+      } else if (event.type === "image_generation.completed") {
+        const img = document.createElement("img");
+        img.alt = prompt;
+        img.src = `data:image/png;base64,${event.b64_json}`;
+        const link = document.createElement("a");
+        link.href = img.src;
+        link.download = `nanoseek-${Date.now()}-${event.index ?? done}.png`;
+        link.title = "download";
+        link.append(img);
+        slots[event.index ?? done].replaceChildren(link);
+        done += 1;
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") stopped = true;
+    else showError(e.message);
+  } finally {
+    imageController = null;
+    setImageBusy(false);
+    block.classList.remove("busy");
+  }
+  for (const slot of slots) if (!slot.childElementCount) slot.remove();
+  const secs = (performance.now() - t0) / 1000;
+  meta.textContent = [`${done} of ${n} image${n > 1 ? "s" : ""}`, seconds(secs),
+    ...(body.seed !== undefined ? [`seed ${body.seed}`] : []), `guidance ${body.guidance_scale}`,
+    ...(stopped ? ["stopped"] : [])].join(" · ");
+}
+
+function setImageBusy(busy) {
+  els.generate.hidden = busy;
+  els.imageStop.hidden = !busy;
+  els.imagePrompt.disabled = busy;
+  els.imageProgress.hidden = !busy;
+  if (busy) {
+    els.imageProgressBar.value = 0;
+    els.imageStatus.textContent = "waiting for the engine…";
+  } else {
+    els.imagePrompt.focus();
+  }
 }
 
 // ---- wiring ----
@@ -219,7 +408,9 @@ els.composer.addEventListener("submit", (e) => {
   const text = els.prompt.value.trim();
   if (!text || controller) return;
   els.prompt.value = "";
-  send(text);
+  const image = attached;
+  clearAttachment();
+  send(text, image);
 });
 els.prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
@@ -231,6 +422,7 @@ els.stop.addEventListener("click", () => controller && controller.abort());
 els.newChat.addEventListener("click", () => {
   if (controller) controller.abort();
   history.length = 0;
+  clearAttachment();
   els.messages.replaceChildren(els.empty);
   els.empty.hidden = false;
   showError("");
@@ -241,6 +433,28 @@ els.toggleSettings.addEventListener("click", () => {
 });
 for (const k of SETTINGS) els[k].addEventListener("input", saveSettings);
 els.apiKey.addEventListener("change", loadModels);
+els.model.addEventListener("change", showCapabilities);
+els.tabChat.addEventListener("click", () => showView("chat"));
+els.tabImages.addEventListener("click", () => showView("images"));
+els.attach.addEventListener("click", () => els.imageFile.click());
+els.imageFile.addEventListener("change", () => attachFile(els.imageFile.files[0]));
+els.attachmentRemove.addEventListener("click", clearAttachment);
+els.imageForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const prompt = els.imagePrompt.value.trim();
+  if (!prompt || imageController) return;
+  generateImages(prompt);
+});
+els.imagePrompt.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    els.imageForm.requestSubmit();
+  }
+});
+els.imageStop.addEventListener("click", () => imageController && imageController.abort());
+const showGuidance = () => { els.imageGuidanceValue.textContent = Number(els.imageGuidance.value).toFixed(1); };
+els.imageGuidance.addEventListener("input", showGuidance);
+showGuidance();
 
 loadSettings();
 loadModels();
