@@ -48,10 +48,10 @@ class LocalBackend:
 
     def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None, reasoning_parser: str = "auto",
                  seed: int | None = None, device: str | None = None, dtype: str = "auto") -> None:
+        from . import load  # the package's load: a DeepSeek LLM or a Janus directory
         from .device import resolve_device, resolve_dtype
         from .infer import Engine
         from .tokenizer import Tokenizer
-        from .weights import load
 
         dev = resolve_device(device)  # None: CUDA if available, else CPU
         dt = resolve_dtype(dtype, dev)  # weights and KV cache; "auto": bf16 on CUDA, fp32 on a CPU

@@ -1089,8 +1089,8 @@ class Server:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> Server:
+        from . import load  # the package's load: a DeepSeek LLM or a Janus directory
         from .device import resolve_device, resolve_dtype
-        from .weights import load
 
         device = resolve_device(cfg.device)  # before reading anything: `--device cuda` without a GPU fails fast
         model_dir = Path(cfg.model)

@@ -23,6 +23,7 @@ import openai
 import pytest
 import torch
 
+from nanoseek import save_pretrained
 from nanoseek.imagine import read_processor_config, understand
 from nanoseek.multimodal import decode_data_url, render_conversation
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
@@ -66,7 +67,7 @@ def make_janus_dir(root: Path) -> Path:
     with torch.no_grad():
         for p in model.aligner.hidden_layers[-1].parameters():
             p.mul_(10)
-    return model.save_pretrained(root / "janus", tokenizer=write_janus_tokenizer(root / "tok", cfg))
+    return save_pretrained(model, root / "janus", tokenizer=write_janus_tokenizer(root / "tok", cfg))
 
 
 def png_url(seed: int = 0, size: tuple[int, int] = (20, 13), fmt: str = "PNG") -> str:
