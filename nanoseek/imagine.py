@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .janus import Janus, JanusConfig, VisionConfig, VQConfig, generate_image_tokens
-from .weights import CheckpointError, config_from_hf, config_to_hf, read_hf_state_dict
+from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, read_hf_state_dict
 from .weights import from_hf_state_dict as lm_from_hf
 from .weights import to_hf_state_dict as lm_to_hf
 
@@ -310,13 +310,7 @@ def _copy_state(model: Janus, sd: dict[str, torch.Tensor], unexpected: list[str]
     if missing:
         raise CheckpointError(f"missing tensor(s) in checkpoint{where}: {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    for k, t in sd.items():
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"shape mismatch for {_hf_name(k)}{where}: expected {tuple(own[k].shape)}, "
-                                  f"found {tuple(t.shape)}")
-    with torch.no_grad():
-        for k, t in sd.items():
-            own[k].copy_(t)
+    copy_checked(own, sd, _hf_name, where)
 
 
 def generation_config(cfg: JanusConfig) -> dict[str, Any]:

@@ -412,9 +412,15 @@ def load_state_dict(model: Transformer, sd: dict[str, torch.Tensor], unexpected_
             raise CheckpointError(f"missing MTP tensor(s): {', '.join(hf_name(k) for k in mtp_missing[:5])}")
         log.warning("config declares %d MTP module(s) but the checkpoint has no MTP weights "
                     "(transformers saves them that way): MTP initialised fresh", cfg.num_nextn_predict_layers)
+    copy_checked(own, sd, hf_name)
+
+
+def copy_checked(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], hf_name: Any, where: str = "") -> None:
+    """Copy `sd` into the model's own tensors after checking every shape (the whole check first: nothing is
+    half-copied when one tensor does not fit); `hf_name` names a tensor as the checkpoint calls it."""
     for k, t in sd.items():
         if tuple(t.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"shape mismatch for {hf_name(k)}: expected {tuple(own[k].shape)}, "
+            raise CheckpointError(f"shape mismatch for {hf_name(k)}{where}: expected {tuple(own[k].shape)}, "
                                   f"found {tuple(t.shape)}")
     with torch.no_grad():
         for k, t in sd.items():
