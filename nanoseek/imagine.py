@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .janus import Janus, JanusConfig, VisionConfig, VQConfig, generate_image_tokens
-from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, read_hf_state_dict
+from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, dominant_dtype, read_hf_state_dict
 from .weights import from_hf_state_dict as lm_from_hf
 from .weights import to_hf_state_dict as lm_to_hf
 
@@ -277,8 +277,7 @@ def load_janus(path: str | Path, device: torch.device | str | None = None, dtype
         hf.pop("lm_head.weight", None)
     sd, unexpected = from_hf_state_dict(cfg, hf)
     if dtype is None:
-        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        dtype = dominant_dtype(sd)
     with torch.device("meta"):
         model = Janus(cfg)
     model = model.to_empty(device=device)
@@ -343,8 +342,7 @@ def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = No
           for k, v in to_hf_state_dict(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        floats = [v.dtype for v in sd.values() if v.is_floating_point()]
-        main_dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.")
+        main_dtype = str(dominant_dtype(sd)).removeprefix("torch.")
         hf_cfg = {**janus_config_to_hf(cfg), "torch_dtype": main_dtype}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")

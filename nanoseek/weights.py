@@ -415,6 +415,12 @@ def load_state_dict(model: Transformer, sd: dict[str, torch.Tensor], unexpected_
     copy_checked(own, sd, hf_name)
 
 
+def dominant_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most tensors of a state dict have (a checkpoint's dtype; fp32 when it has none)."""
+    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
 def copy_checked(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], hf_name: Any, where: str = "") -> None:
     """Copy `sd` into the model's own tensors after checking every shape (the whole check first: nothing is
     half-copied when one tensor does not fit); `hf_name` names a tensor as the checkpoint calls it."""
@@ -483,8 +489,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     hf = read_hf_state_dict(path, dtype)
     sd, unexpected = from_hf_state_dict(cfg, hf)
     if dtype is None:
-        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        dtype = dominant_dtype(sd)
     with torch.device("meta"):
         model = Transformer(cfg)
     # allocated on `device` directly in `dtype` (the router bias stays fp32: Router._apply): loading a bf16 model
@@ -516,8 +521,7 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype 
               else v).detach().cpu().contiguous() for k, v in to_hf_state_dict(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        floats = [v.dtype for v in sd.values() if v.is_floating_point()]
-        main_dtype = max(set(floats), key=floats.count)
+        main_dtype = dominant_dtype(sd)
         hf_cfg = config_to_hf(cfg)
         hf_cfg["torch_dtype"] = str(main_dtype).removeprefix("torch.")
         hf_cfg["nanoseek"] = {"version": __version__, **(meta or {})}
