@@ -48,8 +48,10 @@ def _hf(path: Path):
     return JanusForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def write_tokenizer(d: Path, cfg: JanusConfig) -> Path:
-    """A word-level tokenizer with Janus' special tokens at the tiny config's ids."""
+def write_tokenizer(d: Path, cfg: JanusConfig, every_id: bool = False) -> Path:
+    """A word-level tokenizer with Janus' special tokens at the tiny config's ids and the words of the test prompts;
+    `every_id` adds a word for every other id, so that any output decodes to text (the serving tests compare the
+    server's text with the in-process model's tokens)."""
     import tokenizers
     from tokenizers import models, pre_tokenizers
 
@@ -57,10 +59,12 @@ def write_tokenizer(d: Path, cfg: JanusConfig) -> Path:
                cfg.image_token_id: "<image_placeholder>", cfg.boi_token_id: "<begin_of_image>",
                cfg.eoi_token_id: "<end_of_image>"}
     words = ["a", "red", "bicycle", "under", "tree", "what", "is", "in", "this", "picture", "<|", "User", "|>:",
-             "Assistant", "the", "blue", "cat"]
+             "Assistant", "the", "blue", "cat", "and", "now"]
     vocab = {"<unk>": 0, **{t: i for i, t in special.items()}}
-    for i, w in enumerate(words, start=4):
-        vocab[w] = i
+    free = [i for i in range(cfg.text.vocab_size) if i not in vocab.values()]
+    if every_id:
+        words += [f"w{i}" for i in range(len(free) - len(words))]
+    vocab.update(zip(words, free))
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(special.values()))

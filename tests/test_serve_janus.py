@@ -28,34 +28,10 @@ from nanoseek.imagine import read_processor_config, understand
 from nanoseek.multimodal import decode_data_url, render_conversation
 from nanoseek.serve import BackgroundServer, ServeConfig, Server
 
-from .test_janus import _random, _tiny
+from .test_janus import _random, _tiny, write_tokenizer
 
 KEY = "sk-janus-test"
 SIZE = "16x16"
-
-
-def write_janus_tokenizer(d: Path, cfg) -> Path:
-    """Janus' special tokens at the tiny config's ids, the words of the prompts, and a word for every other id."""
-    import tokenizers
-    from tokenizers import models, pre_tokenizers
-
-    special = {1: "<｜begin▁of▁sentence｜>", 2: "<｜end▁of▁sentence｜>", 3: "<｜▁pad▁｜>",
-               cfg.image_token_id: "<image_placeholder>", cfg.boi_token_id: "<begin_of_image>",
-               cfg.eoi_token_id: "<end_of_image>"}
-    words = ["a", "red", "bicycle", "under", "tree", "what", "is", "in", "this", "picture", "<|", "User", "|>:",
-             "Assistant", "the", "blue", "cat", "and", "now"]
-    vocab = {"<unk>": 0, **{t: i for i, t in special.items()}}
-    free = [i for i in range(cfg.text.vocab_size) if i not in vocab.values()]
-    vocab.update(zip(words + [f"w{i}" for i in range(len(free))], free))
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(special.values()))
-    d.mkdir(parents=True, exist_ok=True)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[1], "eos_token": special[2],
-        "pad_token": special[3], "unk_token": "<unk>"}))
-    return d
 
 
 def make_janus_dir(root: Path) -> Path:
@@ -67,7 +43,7 @@ def make_janus_dir(root: Path) -> Path:
     with torch.no_grad():
         for p in model.aligner.hidden_layers[-1].parameters():
             p.mul_(10)
-    return save_pretrained(model, root / "janus", tokenizer=write_janus_tokenizer(root / "tok", cfg))
+    return save_pretrained(model, root / "janus", tokenizer=write_tokenizer(root / "tok", cfg, every_id=True))
 
 
 def png_url(seed: int = 0, size: tuple[int, int] = (20, 13), fmt: str = "PNG") -> str:
