@@ -134,6 +134,8 @@ def test_jsonl_task_round_trip_and_math_verify(tmp_path):
     assert isinstance(task, JsonlTask) and task.name == "held" and task.size == 5 and not task.held_out
     assert task.items() == synthetic.generate("arithmetic", 5, "test", 2) and task.items("test", 2) == task.items()[:2]
     assert task.rewards == (("math_verify", 1.0), ("format", 0.5)) and task.verifier_name == "math_verify"
+    synth(str(f), 5, "train", 0, tmp_path / "copy.jsonl")  # any task's items, as they are
+    assert get_task(str(tmp_path / "copy.jsonl")).items() == task.items()
     for it in task.items():
         assert task.correct(it, _r1(f"<answer>{it['answer']}</answer>"))
         assert task.verify(it, _r1(f"<answer>{int(it['answer']) + 1}</answer>")) == 0.0
@@ -149,6 +151,8 @@ def test_jsonl_task_round_trip_and_math_verify(tmp_path):
     with pytest.raises(ValueError, match=r"item '7' has no 'answer' column, which its verifier \(math_verify\)"):
         task.check_items(rows)
     task.check_items(rows[:1])
+    with pytest.raises(ValueError, match="task g has no reference reasoning: only the 'item' format"):
+        synth(str(g), 2, "train", 0, tmp_path / "chat.jsonl", "chat")  # SFT chats need a reference reasoning
 
 
 def test_jsonl_task_errors(tmp_path):
