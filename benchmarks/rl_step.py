@@ -44,6 +44,7 @@ from nanoseek.files import read_jsonl  # noqa: E402
 from nanoseek.model import ModelConfig, build  # noqa: E402
 from nanoseek.rewards import arithmetic_accuracy, format_reward  # noqa: E402
 from nanoseek.rl import RLConfig, rl  # noqa: E402
+from nanoseek.tasks import get_task  # noqa: E402
 
 TASK_OPTIONS = {"max_digits": 2, "mul_digits": (2, 1)}
 
@@ -78,9 +79,9 @@ def run_trl(model_dir: Path, out: Path, args: argparse.Namespace) -> list[float]
     from trl import GRPOConfig, GRPOTrainer
 
     hf_logging.set_verbosity_error()
-    items = synthetic.generate("arithmetic", 200, "train", 0, **TASK_OPTIONS)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": it["prompt"] + synthetic.ANSWER_INSTRUCTION}],
-                               "answer": str(it["answer"])} for it in items])
+    task = get_task("arithmetic", **TASK_OPTIONS)
+    items = task.items("train", 200, 0)
+    data = Dataset.from_list([{"prompt": task.messages(it), "answer": str(it["answer"])} for it in items])
     times: list[float] = []
     lengths: list[int] = []
 

@@ -314,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
             ap.error(f"--url must be a loopback address (this is a load test), got {host}")
 
-    from nanoseek import synthetic
+    from nanoseek.tasks import get_task
 
     rng = random.Random(args.seed)
-    items = synthetic.generate("arithmetic", args.num_prompts, "test", args.seed) if args.num_prompts else []
-    prompts = [it["prompt"] + synthetic.ANSWER_INSTRUCTION for it in items]
+    task = get_task("arithmetic")
+    items = task.items("test", args.num_prompts, args.seed) if args.num_prompts else []
+    prompts = [task.messages(it)[0]["content"] for it in items]  # the chat format's user turn
     rng.shuffle(prompts)
 
     proc = None

@@ -26,6 +26,13 @@ MODEL_ARGS = ("model", "teacher", "student")
 HUB_NOTE = " or Hub id (owner/name)"
 
 
+def _task_help(what: str) -> str:
+    """The --task / --prompts help: the registry's built-in names, a JSONL file or a plugin (nanoseek.tasks)."""
+    from .tasks import task_names
+
+    return f"{' | '.join(task_names())} | FILE.jsonl ({what}) | plugin module:name (docs/rl.md#tasks)"
+
+
 def _revision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None,
                    help="with a Hub id: the branch, tag or commit to use (default: main); applies to every Hub id")
@@ -219,7 +226,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from .synthetic import synth
+    from .tasks import synth
 
     path = synth(args.task, args.n, args.split, args.seed, args.out, args.format)
     Console().print(f"{args.n} {args.task} items ({args.split}, seed {args.seed}, {args.format}) -> [bold]{path}[/]")
@@ -255,8 +262,10 @@ def _add_tokenizer_and_data_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard (default 2^26)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sp.set_defaults(func=cmd_data_prepare)
-    sp = dsub.add_parser("synth", help="synthetic arithmetic / countdown problems with reasoning, as JSONL")
-    sp.add_argument("--task", choices=("arithmetic", "countdown"), required=True)
+    from .tasks import task_names
+
+    sp = dsub.add_parser("synth", help="a task's items (synthetic problems with reasoning) as JSONL")
+    sp.add_argument("--task", choices=task_names(), required=True)
     sp.add_argument("--n", type=int, required=True, help="number of items")
     sp.add_argument("--split", choices=("train", "test"), default="train")
     sp.add_argument("--seed", type=int, default=0)
@@ -332,7 +341,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--teacher-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     sp.add_argument("--teacher-model", help="model name at --teacher-url (default: its only model)")
     sp.add_argument("--api-key", default=None, help="API key (default $OPENAI_API_KEY; never written to disk)")
-    sp.add_argument("--prompts", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt/messages)")
+    sp.add_argument("--prompts", default="arithmetic", help="the task: " + _task_help("prompt/messages"))
     sp.add_argument("--n-prompts", type=int, default=None, help="built-in tasks: how many (200); files: first N")
     sp.add_argument("--split", choices=("train", "test"), default="train", help="built-in tasks' split")
     sp.add_argument("--samples", type=int, default=4, help="K samples per prompt (default 4)")
@@ -341,7 +350,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample (longer: rejected)")
     sp.add_argument("--verifier", default=None,
-                    help="arithmetic | countdown | math_verify | none | module:fn (default: the task's)")
+                    help="a built-in task's rule | math_verify | none | reward module:fn (default: the task's)")
     sp.add_argument("--min-score", type=float, default=1.0, help="verifier score to accept (default 1.0)")
     sp.add_argument("--require-verified", action="store_true", help="drop prompts the verifier cannot check")
     sp.add_argument("--max-completion-tokens", type=int, default=None, help="drop longer traces")
@@ -389,7 +398,7 @@ def _add_distill_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--student", required=True, help="student model directory" + HUB_NOTE + " (same vocabulary)")
     sp.add_argument("--out", required=True, help="run directory; the student is written to OUT/final")
     sp.add_argument("--data", help="a prepared directory (`nanoseek data prepare`) or chat traces (.jsonl/dir)")
-    sp.add_argument("--prompts", help="on-policy prompts: arithmetic | countdown | FILE.jsonl")
+    sp.add_argument("--prompts", help="on-policy prompts, a task: " + _task_help("prompt/messages"))
     sp.add_argument("--divergence", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
     sp.add_argument("--beta", type=float, default=0.5, help="JSD interpolation (0 forward KL, 1 reverse KL)")
     sp.add_argument("--temperature", type=float, default=1.0, help="softening temperature (loss x T^2)")
@@ -581,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("rl", help="GRPO reasoning RL (R1-Zero recipe) with rule-based or plugin rewards")
     sp.add_argument("--model", required=True, help="model directory" + HUB_NOTE + " (with tokenizer files)")
     _revision_arg(sp)
-    sp.add_argument("--task", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt, answer)")
+    sp.add_argument("--task", default="arithmetic", help=_task_help("prompt, answer"))
     sp.add_argument("--reward", action="append", help="extra reward module:fn[=weight] (repeatable)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--group-size", dest="group_size", type=int, help="G samples per prompt")
@@ -600,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     sp.add_argument("--served-model", help="model name at --url")
     sp.add_argument("--api-key", default=None)
-    sp.add_argument("--task", default="arithmetic", help="arithmetic | countdown | FILE.jsonl (prompt, answer)")
+    sp.add_argument("--task", default="arithmetic", help=_task_help("prompt, answer"))
     sp.add_argument("--k", type=int, default=8, help="samples per item (default 8)")
     sp.add_argument("--n", type=int, default=200, help="held-out items (default 200)")
     sp.add_argument("--temperature", type=float, default=0.6)

@@ -32,6 +32,7 @@ from . import experiment
 from .experiment import Stage, StageRun
 from .files import atomic_dir, atomic_write_jsonl, read_jsonl
 from .stats import derive_seed
+from .tasks import Task, get_task
 
 # The models the demo publishes under OUT/models, in the order the report lists them.
 MODELS = ("base", "rl", "student-base", "student-rl", "student")
@@ -242,12 +243,11 @@ def _publish(src: Path, dst: Path) -> Path:
 # stages
 
 
-def chat_document(item: dict[str, Any], tok: Any) -> str:
+def chat_document(item: dict[str, Any], tok: Any, task: Task) -> str:
     """One training document in the R1 chat format, reasoning kept (the plain template would drop it)."""
-    from . import synthetic
     from .reasoning import join as join_reasoning
 
-    messages = synthetic.to_messages(item)
+    messages = task.sft_messages(item)
     prompt = tok.render_chat(messages[:-1], add_generation_prompt=True)
     if tok.bos_token and prompt.startswith(tok.bos_token):
         prompt = prompt[len(tok.bos_token):]  # data.prepare adds BOS (and EOS) to every document
@@ -262,12 +262,12 @@ def stage_data(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
 
     d = r.root / "data"
     d.mkdir(parents=True, exist_ok=True)
-    items = synthetic.generate(plan.task, plan.n_train, "train", derive_seed(plan.seed, "data", bits=31),
-                               **plan.task_options)
+    task = get_task(plan.task, **plan.task_options)
+    items = task.items("train", plan.n_train, derive_seed(plan.seed, "data", bits=31))
     (d / "plain.txt").write_text("\n\n".join(synthetic.to_text(it) for it in items) + "\n")
     train_tokenizer([d / "plain.txt"], plan.vocab_size, d / "tokenizer")
     tok = Tokenizer.load(d / "tokenizer")
-    atomic_write_jsonl(d / "chat.jsonl", [{"text": chat_document(it, tok)} for it in items])
+    atomic_write_jsonl(d / "chat.jsonl", [{"text": chat_document(it, tok, task)} for it in items])
     manifest = prepare([d / "chat.jsonl"], d / "tokenizer", d / "tokens", overwrite=True)
     r.console.print(f"{len(items)} {plan.task} problems -> {manifest['total_tokens']:,} tokens "
                     f"({manifest['total_tokens'] / len(items):.0f} per document), tokenizer vocab {tok.vocab_size}")
@@ -364,14 +364,13 @@ def stage_student_rl(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
 
 def stage_traces(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
     """The RL model's traces on training prompts, kept by rejection sampling (R1 §2.3.3): path (b)'s data."""
-    from . import synthetic
     from .distill import GenerateConfig, generate
 
     out = r.root / "distill"
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"  # training problems only: the held-out ones are never used here
-    items = synthetic.generate(plan.task, plan.distill_prompts, "train", derive_seed(plan.seed, "distill-prompts",
-                                                                                  bits=31), **plan.task_options)
+    items = get_task(plan.task, **plan.task_options).items(
+        "train", plan.distill_prompts, derive_seed(plan.seed, "distill-prompts", bits=31))
     atomic_write_jsonl(prompts, [{k: v for k, v in it.items() if k != "reasoning"} for it in items])
     stats = generate(GenerateConfig(out=str(out / "traces"), teacher=str(r.root / "models" / "rl"),
                                     prompts=str(prompts), verifier=plan.distill_verifier or plan.task,
@@ -386,7 +385,7 @@ def stage_traces(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
 
 def stage_student_distill(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
     """SFT of the pretrained student on the verified traces, at the training compute path (a) spent."""
-    from . import accounting, synthetic
+    from . import accounting
     from .distill import SFTConfig, matched_sft_steps, sft
     from .weights import config_from_hf
 
@@ -402,9 +401,9 @@ def stage_student_distill(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
         # --fast: a toy teacher writes no complete trace; exercise SFT on the reference solutions instead
         traces = out / "reference_traces.jsonl"
         # enough documents for a few packed batches whatever the toy plan's prompt count
-        items = synthetic.generate(plan.task, 4 * plan.batch_size, "train", derive_seed(plan.seed, "reference"),
-                                   **plan.task_options)
-        atomic_write_jsonl(traces, [{"messages": synthetic.to_messages(it)} for it in items])
+        task = get_task(plan.task, **plan.task_options)
+        items = task.items("train", 4 * plan.batch_size, derive_seed(plan.seed, "reference"))
+        atomic_write_jsonl(traces, [{"messages": task.sft_messages(it)} for it in items])
         fallback = "reference solutions (--fast: the toy teacher wrote no complete trace)"
         r.console.print(f"[yellow]--fast: the student trains on {fallback}[/]")
     student = r.root / "models" / "student-base"

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import synthetic
 from .client import Endpoint, EndpointError, RequestFailed
 from .files import append_jsonl, atomic_write_json, atomic_write_jsonl, check_resume, read_jsonl
 from .metrics import plot_panels, progress_bar, truncate_jsonl
@@ -50,6 +49,7 @@ from .reasoning import THINK, Split
 from .reasoning import join as join_reasoning
 from .reasoning import split as split_reasoning
 from .stats import derive_seed
+from .tasks import Task, Verifier, get_task, reward_verifier, task_names
 from .tokenizer import Tokenizer
 
 SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.jsonl", "stats.json", "generate.json"
@@ -57,7 +57,6 @@ SAMPLES_FILE, TRACES_FILE, STATS_FILE, CONFIG_FILE = "samples.jsonl", "traces.js
 # count only for prompts of the current set whose conversation is unchanged, so `--n-prompts` can grow.)
 _RESUME_KEYS = ("teacher", "teacher_url", "teacher_model", "samples", "temperature", "top_p", "max_tokens", "seed")
 
-Verifier = Callable[[dict[str, Any], str], float]
 read_log = read_jsonl  # the log reader under the name docs/distill.md lists (nanoseek.files.read_jsonl)
 
 
@@ -65,81 +64,25 @@ read_log = read_jsonl  # the log reader under the name docs/distill.md lists (na
 # prompts and verifiers
 
 
-def load_prompts(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
-    """Items with an `id` and a `prompt` (or a `messages` conversation), plus the columns a verifier reads.
-
-    `spec` is a built-in task (`arithmetic`, `countdown`: `n` items of `split`) or a JSONL file whose rows have
-    `prompt` or `messages`, and usually `answer` (rows without one cannot be verified). Ids default to
-    `<file stem>-<line>` and must be unique: they are the resume keys."""
-    if spec in synthetic.TASKS:
-        items = synthetic.generate(spec, 200 if n is None else n, split, seed)
-        return [{k: v for k, v in it.items() if k != "reasoning"} for it in items]  # the reference CoT is not sent
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts {spec!r} are neither a built-in task ({', '.join(synthetic.TASKS)}) nor a "
-                                "JSONL file")
-    items, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str)
-                                                 or isinstance(row.get("messages"), list)):
-                raise ValueError(f"{path}:{lineno}: each row needs a 'prompt' string or a 'messages' list")
-            row.setdefault("id", f"{path.stem}-{lineno}")
-            row["id"] = str(row["id"])
-            if row["id"] in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (ids are the resume keys)")
-            seen.add(row["id"])
-            items.append(row)
-            if n is not None and len(items) >= n:
-                break
-    if not items:
-        raise ValueError(f"prompt file {path} has no rows")
-    return items
+def load_prompts(spec: str | Task, n: int | None = None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """A task's items (nanoseek.tasks.get_task: a built-in task, a JSONL file, a plugin) as teacher prompts: each
+    with a string `id` (the resume key) and a `prompt` or a `messages` conversation, plus the columns a verifier
+    reads; without the reference reasoning, which is not sent. `n` None: 200 generated items, or a whole file."""
+    task = spec if isinstance(spec, Task) else get_task(spec)
+    items = task.items(split, 200 if n is None and task.size is None else n, seed)
+    return [{k: v for k, v in it.items() if k != "reasoning"} for it in items]
 
 
-def prompt_messages(item: dict[str, Any], answer_instruction: bool = True) -> list[dict[str, Any]]:
-    """The conversation sent to the teacher: the user prompt (+ the `<answer>` instruction, as `rl.format_prompt`
-    adds it, so local prompts equal RL's), or the item's own `messages` without a trailing assistant turn."""
-    if isinstance(item.get("messages"), list):
-        msgs = [dict(m) for m in item["messages"]]
-        while msgs and msgs[-1].get("role") == "assistant":
-            msgs.pop()
-        if not msgs:
-            raise ValueError(f"prompt {item.get('id')!r}: 'messages' has no user turn")
-        return msgs
-    content = item["prompt"]
-    if answer_instruction and "<answer>" not in content:
-        content += synthetic.ANSWER_INSTRUCTION
-    return [{"role": "user", "content": content}]
-
-
-def make_verifier(prompts: str, verifier: str | None = None) -> tuple[Verifier | None, str]:
-    """(verify(item, completion) -> score, name). Built-in tasks use their rule (synthetic.verify); JSONL prompts
-    use math-verify on the `answer` column; `verifier` overrides: `arithmetic`, `countdown`, `math_verify`, `none`,
-    or a TRL-style reward `module:fn` / `file.py:fn` (fn(completions, prompts=..., **columns) -> scores)."""
-    name = verifier or (prompts if prompts in synthetic.TASKS else "math_verify")
-    if name == "none":
-        return None, name
-    if name in synthetic.TASKS:
-        return (lambda item, text: synthetic.verify(name, item, text)), name
-    from .rewards import resolve_reward
-
-    fn = resolve_reward(name)  # errors now, before any teacher call
-
-    def run(item: dict[str, Any], text: str) -> float:
-        if name == "math_verify" and item.get("answer") is None:
-            return math.nan  # nothing to check against: "unverified"
-        columns = {k: [v] for k, v in item.items() if k not in ("prompt", "messages")}
-        prompt = item.get("prompt") or json.dumps(item.get("messages"), ensure_ascii=False)
-        return float(fn([text], prompts=[prompt], **columns)[0])
-
-    return run, name
+def make_verifier(prompts: str | Task, verifier: str | None = None) -> tuple[Verifier | None, str]:
+    """(verify(item, completion) -> score, name): the prompts' task's verifier (nanoseek.tasks), or `verifier`: a
+    built-in task's rule (`arithmetic`, `countdown`), `none`, or a TRL-style reward `math_verify` / `module:fn` /
+    `file.py:fn` (fn(completions, prompts=..., **columns) -> scores)."""
+    if verifier == "none":
+        return None, verifier
+    if verifier is None or verifier in task_names():
+        task = get_task(verifier) if verifier else prompts if isinstance(prompts, Task) else get_task(prompts)
+        return task.verify, task.verifier_name
+    return reward_verifier(verifier), verifier  # errors now, before any teacher call
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -507,8 +450,10 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
     there are never duplicates, and rerunning with other filter settings re-filters without calling the teacher.
     `teacher` may be any object with LocalTeacher's or RemoteTeacher's interface (tests)."""
     out = Path(cfg.out)
-    items = load_prompts(cfg.prompts, cfg.n_prompts, cfg.split, cfg.seed)
-    verifier, verifier_name = make_verifier(cfg.prompts, cfg.verifier)
+    task = get_task(cfg.prompts)
+    task.require_output("text", "distill generate (a teacher's reasoning traces)")
+    items = load_prompts(task, cfg.n_prompts, cfg.split, cfg.seed)
+    verifier, verifier_name = make_verifier(task, cfg.verifier)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / SAMPLES_FILE
     if cfg.overwrite:
@@ -531,7 +476,7 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
                                     seed=cfg.seed, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout,
                                     send_seed=cfg.send_seed)
     # ---- resume: rebuild the traces from the log records of the current prompts ----
-    current = {it["id"]: prompt_messages(it, cfg.answer_instruction) for it in items}
+    current = {it["id"]: task.messages(it, cfg.answer_instruction) for it in items}
     log = read_jsonl(log_path, repair=True)  # a line torn by a kill goes: the next record starts a line
     valid = [rec for rec in log if current.get(rec["prompt_id"]) == rec["messages"]]
     flt = TraceFilter(verifier, cfg.filter)
@@ -572,7 +517,7 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
                 for it, m, samples in zip(chunk, msgs, results):
                     finish(it, m, samples)
         else:
-            failed = _generate_remote(teacher, todo, cfg, finish)
+            failed = _generate_remote(teacher, todo, [current[it["id"]] for it in todo], cfg, finish)
     elapsed = time.perf_counter() - t0
     stats = {**flt.stats(), "prompts_total": len(items), "prompts_resumed": resumed,
              "log_records_ignored": len(log) - len(valid),
@@ -589,13 +534,13 @@ def generate(cfg: GenerateConfig, teacher: Any = None) -> dict[str, Any]:
     return stats
 
 
-def _generate_remote(teacher: RemoteTeacher, todo: list[dict[str, Any]], cfg: GenerateConfig,
+def _generate_remote(teacher: RemoteTeacher, todo: list[dict[str, Any]], msgs: list[list[dict[str, Any]]],
+                     cfg: GenerateConfig,
                      finish: Callable[[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]], None]) -> list[str]:
     """Per-sample requests, at most `concurrency` in flight; a prompt is logged when all its K samples are in.
     Returns the ids of prompts that still failed after all retries (a later run retries them)."""
     K = cfg.samples
     jobs: Iterator[tuple[int, int]] = ((i, j) for i in range(len(todo)) for j in range(K))
-    msgs = [prompt_messages(it, cfg.answer_instruction) for it in todo]
     got: dict[int, dict[int, dict[str, Any]]] = {}
     broken: set[int] = set()
     failed: list[str] = []
@@ -913,12 +858,12 @@ def _kd_data_dir(cfg: KDConfig, tok_dir: str, out: Path) -> Path:
     return data_dir
 
 
-def _on_policy_batch(engine: Any, tok: Tokenizer, items: list[dict[str, Any]], cfg: KDConfig, step: int
-                     ) -> dict[str, torch.Tensor]:
+def _on_policy_batch(engine: Any, tok: Tokenizer, task: Task, items: list[dict[str, Any]], cfg: KDConfig,
+                     step: int) -> dict[str, torch.Tensor]:
     """Student samples for `items` as right-padded rows; targets only on the completion tokens."""
     from .infer import SamplingParams
 
-    prompts = [tok.encode_chat(prompt_messages(it), add_generation_prompt=True) for it in items]
+    prompts = [task.encode_prompt(it, tok, "chat") for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
                              seed=_sample_seed(cfg.seed, f"kd{step}", j)) for j in range(len(items))]
     outs = engine.generate(prompts, params)
@@ -953,6 +898,9 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     autocast = autocast_factory(device, resolve_dtype(cfg.dtype, device, training=True))
     tok = check_same_vocabulary(cfg.teacher, cfg.student)  # before loading any weights
+    task = get_task(cfg.prompts) if cfg.lmbda > 0 else None  # on-policy prompts: bad ones fail here too
+    if task is not None:
+        task.require_output("text", "distill kd (the student's on-policy samples)")
     V = tok.vocab_size
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -973,13 +921,13 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
         ds = TokenDataset(_kd_data_dir(cfg, cfg.student, out), vocab_size=V)
         batches = PackedBatches(ds, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         eval_src = PackedBatches(ds, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1)
-    items = load_prompts(cfg.prompts, 1000, "train", cfg.seed) if cfg.lmbda > 0 else []
+    items = load_prompts(task, 1000, "train", cfg.seed) if task is not None else []
     rng = random.Random(cfg.seed)
     order = list(range(len(items)))
     rng.shuffle(order)
     engine = None
     if items:
-        plen = max(len(tok.encode_chat(prompt_messages(it), add_generation_prompt=True)) for it in items)
+        plen = max(len(task.encode_prompt(it, tok, "chat")) for it in items)
         engine = Engine(student, tok, max_batch=cfg.batch_size, max_model_len=plen + cfg.max_new_tokens + 1,
                         seed=cfg.seed)
     start, cursor = 0, 0
@@ -998,11 +946,11 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
     if eval_src is not None:
         eval_set = [_to_device(next(eval_src), device) for _ in range(cfg.eval_batches)]
     else:
-        test_items = load_prompts(cfg.prompts, cfg.batch_size * cfg.eval_batches, "test", cfg.seed) \
-            if cfg.prompts in synthetic.TASKS else items[: cfg.batch_size * cfg.eval_batches]
+        test_items = load_prompts(task, cfg.batch_size * cfg.eval_batches, "test", cfg.seed) \
+            if task.held_out else items[: cfg.batch_size * cfg.eval_batches]
         student.eval()
-        eval_set = [_to_device(_on_policy_batch(engine, tok, test_items[i:i + cfg.batch_size], cfg, -1 - i), device)
-                    for i in range(0, len(test_items), cfg.batch_size)]
+        eval_set = [_to_device(_on_policy_batch(engine, tok, task, test_items[i:i + cfg.batch_size], cfg, -1 - i),
+                               device) for i in range(0, len(test_items), cfg.batch_size)]
         student.train()
 
     def forward(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1045,7 +993,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
                 batch_items = [items[order[(cursor + i) % len(order)]] for i in range(cfg.batch_size)]
                 cursor += cfg.batch_size
                 student.eval()
-                b = _to_device(_on_policy_batch(engine, tok, batch_items, cfg, step), device)
+                b = _to_device(_on_policy_batch(engine, tok, task, batch_items, cfg, step), device)
                 student.train()
                 for r in student.routers():  # sampling forwards are not training tokens for the bias update
                     r.expert_load.zero_()

@@ -6,7 +6,9 @@ For each held-out item: k samples at temperature 0.6 / top_p 0.95 (R1 §3.1) and
   cons@k   majority vote over the k extracted answers (maj@k), then verified
   greedy   accuracy of the temperature-0 answer
 Confidence intervals: Wilson for per-item binary metrics (greedy, cons@k), a percentile bootstrap over items for
-pass@1. Per-item results are saved as JSONL, the summary as JSON + markdown.
+pass@1. Per-item results are saved as JSONL, the summary as JSON + markdown. Items, prompts, the grade and the
+answer normaliser are the task's (nanoseek.tasks); a task whose output is an image is graded the same way, by a
+sampler that returns images.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import synthetic
 from .files import atomic_write_json, atomic_write_jsonl
 from .stats import bootstrap_ci, derive_seed, majority_vote, pass_at_k, wilson
+from .tasks import Task, get_task
 
 
 def per_item(rows: list[dict[str, Any]], key: str = "pass1") -> dict[Any, float]:
@@ -29,40 +31,13 @@ def per_item(rows: list[dict[str, Any]], key: str = "pass1") -> dict[Any, float]
 
 
 # ------------------------------------------------------------------------------------------------------------
-# grading
-
-
-def normalize_answer(task: str, text: str) -> str | None:
-    """The comparable answer of a completion, for majority voting."""
-    if task == "arithmetic":
-        v = synthetic.arithmetic_answer(text)
-        return None if v is None else str(v)
-    ans = synthetic.extract_answer(text)
-    if ans is None:
-        return None
-    return " ".join(ans.split())
-
-
-def grader(task: str) -> Callable[[dict[str, Any], str], bool]:
-    if task in synthetic.TASKS:
-        return lambda item, text: synthetic.verify(task, item, text) >= 1.0
-
-    def math_grade(item: dict[str, Any], text: str) -> bool:
-        from .rewards import math_verify_accuracy
-
-        return math_verify_accuracy([text], [item["answer"]])[0] >= 1.0
-
-    return math_grade
-
-
-# ------------------------------------------------------------------------------------------------------------
 # samplers: a local model through the engine, or any OpenAI-compatible endpoint
 
 
 @dataclass
 class EvalConfig:
-    task: str = "arithmetic"
-    task_options: dict[str, Any] | None = None  # synthetic difficulty (must match what the model was trained on)
+    task: str = "arithmetic"  # a built-in task, a JSONL file or a plugin module:name (nanoseek.tasks.get_task)
+    task_options: dict[str, Any] | None = None  # the task's settings (must match what the model was trained on)
     model: str | None = None
     url: str | None = None
     served_model: str | None = None  # model name at the URL
@@ -94,19 +69,22 @@ class EvalConfig:
             self.url = normalize_url(self.url)
 
 
-def _local_sampler(cfg: EvalConfig):
+def _local_sampler(cfg: EvalConfig, task: Task):
     from .device import resolve_device, resolve_dtype
     from .infer import Engine, SamplingParams
-    from .rl import format_prompt
     from .tokenizer import Tokenizer
     from .weights import load
 
+    task.require_output("text", "a local language model")
+    if cfg.prompt_format not in task.formats:
+        raise ValueError(f"prompt format {cfg.prompt_format!r} is not one of task {task.name}'s "
+                         f"({', '.join(task.formats)})")
     device = resolve_device(cfg.device)
     model = load(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
     tok = Tokenizer.load(cfg.model)
 
     def run(items: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:
-        prompts = [format_prompt(it, tok, cfg.prompt_format) for it in items]
+        prompts = [task.encode_prompt(it, tok, cfg.prompt_format) for it in items]
         engine = Engine(model, tok, max_batch=32, max_model_len=max(map(len, prompts)) + cfg.max_tokens + 1,
                         seed=cfg.seed)
         params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=temperature, top_p=cfg.top_p if temperature
@@ -120,15 +98,17 @@ def _local_sampler(cfg: EvalConfig):
     return run
 
 
-def _remote_sampler(cfg: EvalConfig):
+def _remote_sampler(cfg: EvalConfig, task: Task):
     from .client import Endpoint
     from .reasoning import join as join_reasoning
     from .reasoning import split as split_reasoning
 
     endpoint = Endpoint(cfg.url, cfg.served_model, cfg.api_key, model_flag="--served-model")  # type: ignore[arg-type]
 
-    def one(prompt: str, temperature: float, seed: int) -> str:
-        r = endpoint.chat([{"role": "user", "content": prompt}], temperature=temperature,
+    task.require_output("text", "a chat endpoint")
+
+    def one(messages: list[dict[str, Any]], temperature: float, seed: int) -> str:
+        r = endpoint.chat(messages, temperature=temperature,
                           top_p=cfg.top_p if temperature else 1.0, max_tokens=cfg.max_tokens, seed=seed)
         # graders read the answer after "</think>": the R1 format, whether the endpoint split the reasoning or not
         out = split_reasoning(r.content, r.reasoning)
@@ -136,8 +116,7 @@ def _remote_sampler(cfg: EvalConfig):
 
     def run(items: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:
         jobs = [(i, j) for i in range(len(items)) for j in range(k)]
-        prompts = [it["prompt"] + (synthetic.ANSWER_INSTRUCTION if "<answer>" not in it["prompt"] else "")
-                   for it in items]
+        prompts = [task.messages(it) for it in items]  # the chat format
         with ThreadPoolExecutor(cfg.concurrency) as pool:
             # the same per-sample seeds as the local sampler (31 bits: what OpenAI-compatible servers accept)
             texts = list(pool.map(lambda ij: one(prompts[ij[0]], temperature,
@@ -147,37 +126,36 @@ def _remote_sampler(cfg: EvalConfig):
     return run
 
 
-def load_items(task: str, n: int, seed: int = 0, options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Held-out items: the synthetic test split, or the rows of a JSONL file (`prompt`, `answer`)."""
-    if task in synthetic.TASKS:
-        return synthetic.generate(task, n, "test", seed, **(options or {}))
-    from .rewards import load_task
-
-    return load_task(task).items[:n]
-
-
 def evaluate(cfg: EvalConfig, items: list[dict[str, Any]] | None = None,
-             sampler: Callable[[list[dict[str, Any]], int, float], list[list[str]]] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the summary (and writes OUT/items.jsonl, summary.json, summary.md)."""
-    items = items if items is not None else load_items(cfg.task, cfg.n, cfg.seed, cfg.task_options)
+             sampler: Callable[[list[dict[str, Any]], int, float], list[list[Any]]] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns the summary (and writes OUT/items.jsonl, summary.json, summary.md). `items`
+    default to the task's held-out items; `sampler(items, k, temperature)` returns k outputs per item, of the
+    task's output kind (default: the local model or the endpoint of `cfg`, for text tasks)."""
+    task = get_task(cfg.task, **(cfg.task_options or {}))
+    items = items if items is not None else task.items("test", cfg.n, cfg.seed)
     if not items:
         raise ValueError(f"task {cfg.task!r} has no items to evaluate")
-    sampler = sampler or (_local_sampler(cfg) if cfg.model else _remote_sampler(cfg))
-    grade = grader(cfg.task)
+    task.check_items(items)
+    sampler = sampler or (_local_sampler(cfg, task) if cfg.model else _remote_sampler(cfg, task))
     samples = sampler(items, cfg.k, cfg.temperature)
     greedy = sampler(items, 1, 0.0) if cfg.greedy else [[None]] * len(items)
+    text = task.output == "text"  # text outputs are kept in the rows; images are not JSON
     rows = []
-    for it, texts, g in zip(items, samples, greedy):
-        ok = [grade(it, t) for t in texts]
-        answers = [normalize_answer(cfg.task, t) for t in texts]
+    for it, outs, g in zip(items, samples, greedy):
+        ok = [task.correct(it, o) for o in outs]
+        answers = [task.normalize(o) for o in outs]
         maj = majority_vote(answers)  # cons@k; ties go to the earliest sample
         maj_ok = False
         if maj is not None:  # the majority answer is correct iff a sample giving it was graded correct
             maj_ok = any(o for o, a in zip(ok, answers) if a == maj)
-        rows.append({"id": it.get("id"), "prompt": it["prompt"], "answer": it.get("answer"), "correct": ok,
-                     "pass1": sum(ok) / len(ok), "majority_answer": maj, "cons_correct": maj_ok,
-                     "greedy_correct": grade(it, g[0]) if g[0] is not None else None,
-                     "greedy_text": g[0], "samples": texts, "lengths": [len(t) for t in texts]})
+        row = {"id": it.get("id"), "prompt": it.get("prompt"), "answer": it.get("answer"), "correct": ok,
+               "pass1": sum(ok) / len(ok), "majority_answer": maj, "cons_correct": maj_ok,
+               "greedy_correct": task.correct(it, g[0]) if g[0] is not None else None}
+        if text:
+            row.update({"greedy_text": g[0], "samples": outs, "lengths": [len(o) for o in outs]})
+        else:
+            row["answers"] = answers  # what the task read from each output
+        rows.append(row)
     summary = summarize(rows, cfg)
     if cfg.out:
         write_results(Path(cfg.out), rows, summary)

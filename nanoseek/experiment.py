@@ -38,6 +38,7 @@ from rich.console import Console
 from . import synthetic
 from .files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .stats import paired_difference
+from .tasks import Task, get_task
 
 STATE_FILE, TIMINGS_FILE = "state.json", "timings.json"
 
@@ -284,14 +285,18 @@ def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> Experimen
     return ExperimentConfig(**values)
 
 
+def _task(cfg: ExperimentConfig) -> Task:
+    return get_task("arithmetic", max_digits=cfg.max_digits, mul_digits=cfg.mul_digits)
+
+
 def _task_items(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(RL / trace prompts, held-out problems, cold-start problems): deterministic in the config, so every stage can
     rebuild them instead of passing them along."""
-    kw = {"max_digits": cfg.max_digits, "mul_digits": cfg.mul_digits}
-    train_items = synthetic.generate("arithmetic", cfg.n_train, "train", cfg.seed, **kw)
-    test_items = synthetic.generate("arithmetic", cfg.n_test, "test", cfg.seed, **kw)
+    task = _task(cfg)
+    train_items = task.items("train", cfg.n_train, cfg.seed)
+    test_items = task.items("test", cfg.n_test, cfg.seed)
     # cold start: a disjoint slice of train problems, as chats that keep the reference reasoning
-    cold = synthetic.generate("arithmetic", cfg.n_train + cfg.cold_start_items, "train", cfg.seed, **kw)[cfg.n_train:]
+    cold = task.items("train", cfg.n_train + cfg.cold_start_items, cfg.seed)[cfg.n_train:]
     return train_items, test_items, cold
 
 
@@ -303,7 +308,7 @@ def experiment_stages(cfg: ExperimentConfig) -> list[Any]:
     from . import accounting
     from .distill import GenerateConfig, SFTConfig, generate, matched_sft_steps, print_stats, rl_flops, sft
     from .eval import EvalConfig, evaluate
-    from .rl import RLConfig, format_prompt, rl
+    from .rl import RLConfig, rl
     from .tokenizer import Tokenizer
     from .train import TrainConfig, train
     from .weights import load
@@ -322,7 +327,7 @@ def experiment_stages(cfg: ExperimentConfig) -> list[Any]:
         atomic_write_jsonl(train_file, [{k: v for k, v in it.items() if k != "reasoning"} for it in train_items])
         atomic_write_jsonl(task / "task_test.jsonl", [{k: v for k, v in it.items() if k != "reasoning"}
                                                       for it in test_items])
-        atomic_write_jsonl(task / "cold_start.jsonl", [{"id": it["id"], "messages": synthetic.to_messages(it)}
+        atomic_write_jsonl(task / "cold_start.jsonl", [{"id": it["id"], "messages": _task(cfg).sft_messages(it)}
                                                        for it in cold])
         (task / "corpus.txt").write_text("\n\n".join(synthetic.to_text(it) for it in train_items[:2000] + cold))
         train_tokenizer([task / "corpus.txt"], 512, tok_dir)
@@ -351,7 +356,8 @@ def experiment_stages(cfg: ExperimentConfig) -> list[Any]:
             rl(rcfg)
         train_items = _task_items(cfg)[0]
         tok = Tokenizer.load(tok_dir)
-        prompt_len = sum(len(format_prompt(it, tok, "chat")) for it in train_items[:200]) / min(200, len(train_items))
+        prompt_len = sum(len(_task(cfg).encode_prompt(it, tok, "chat"))
+                         for it in train_items[:200]) / min(200, len(train_items))
         return {"model": str((run / "final").relative_to(out)), "lr": lr,
                 "flops": rl_flops(load(run / "final").config, run / "metrics.jsonl", cfg.group_size, prompt_len)}
 

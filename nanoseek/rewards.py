@@ -1,10 +1,11 @@
-"""Rule-based rewards and tasks for GRPO (R1-Zero: accuracy + format, no neural reward model), and the plugin API.
+"""Rule-based rewards for GRPO (R1-Zero: accuracy + format, no neural reward model), the plugin API and the
+sandboxed worker that runs them. Which rewards a task uses by default is the task's (nanoseek/tasks.py).
 
 A reward function follows TRL's convention, so TRL/open-r1 reward functions work unchanged:
 
     def my_reward(completions: list[str], prompts: list[str], **columns) -> list[float]
 
-`columns` are the task's other fields (e.g. `answer`, `numbers`, `target`), one list entry per completion.
+`columns` are the task item's other fields (e.g. `answer`, `numbers`, `target`), one list entry per completion.
 Rewards run in a separate worker process: a reward that raises, hangs past its timeout or returns NaN scores 0 for
 the affected completions, is counted in the metrics, and the run continues. (math-verify's own timeout uses
 signals and only works on a main thread — in the worker it runs on the worker's main thread, and the parent
@@ -14,20 +15,15 @@ enforces the wall-clock limit by killing and restarting the worker.)
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import re
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import synthetic
+from .plugins import import_object
 from .reasoning import split as split_reasoning
 
 RewardFn = Callable[..., list[float]]
@@ -85,53 +81,6 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 
 
 # ------------------------------------------------------------------------------------------------------------
-# tasks: prompts + columns + default rewards
-
-
-@dataclass
-class Task:
-    name: str
-    items: list[dict[str, Any]]  # each has "prompt" plus columns for the rewards
-    rewards: list[tuple[str, float]] = field(default_factory=list)  # (spec, weight)
-    test_items: list[dict[str, Any]] = field(default_factory=list)
-
-
-def load_task(name: str, n_train: int = 5000, n_test: int = 200, seed: int = 0,
-              options: dict[str, Any] | None = None) -> Task:
-    """`arithmetic` / `countdown` (synthetic, with held-out items; `options` go to synthetic.generate, e.g.
-    max_digits), or a JSONL file with `prompt` and `answer` columns graded by math-verify (every other column is
-    passed to reward functions)."""
-    if name in synthetic.TASKS:
-        train = synthetic.generate(name, n_train, "train", seed, **(options or {}))
-        test = synthetic.generate(name, n_test, "test", seed, **(options or {}))
-        acc = "arithmetic" if name == "arithmetic" else "countdown"
-        # countdown's TinyZero reward already includes its 0.1 format credit
-        rewards = [(acc, 1.0), ("format", 0.5)] if name == "arithmetic" else [(acc, 1.0), ("format", 0.1)]
-        return Task(name, train, rewards, test)
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"task {name!r} is neither a built-in task ({', '.join(synthetic.TASKS)}) nor a "
-                                "JSONL file")
-    items = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ValueError(f"{path}:{i}: missing the 'prompt' column (each line needs 'prompt' and 'answer')")
-        if "answer" not in row:
-            raise ValueError(f"{path}:{i}: missing the 'answer' column (each line needs 'prompt' and 'answer')")
-        row.setdefault("id", f"{path.stem}-{i}")
-        items.append(row)
-    if not items:
-        raise ValueError(f"task file {path} has no rows")
-    return Task(path.stem, items, [("math_verify", 1.0), ("format", 0.5)], [])
-
-
-# ------------------------------------------------------------------------------------------------------------
 # plugin resolution (in the parent: errors before any compute) and the sandboxed worker
 
 
@@ -152,23 +101,9 @@ def resolve_reward(spec: str) -> RewardFn:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
         raise ValueError(f"reward {spec!r} is not built in ({', '.join(BUILTIN_REWARDS)}) and not module:function")
-    mod_name, fn_name = spec.rsplit(":", 1)
-    try:
-        if mod_name.endswith(".py"):
-            p = Path(mod_name)
-            if not p.exists():
-                raise FileNotFoundError(f"reward file {p} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"nanoseek_reward_{p.stem}", p)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")  # `--reward my_module:fn` from the current directory, like python -m
-            module = importlib.import_module(mod_name)
-    except (ImportError, FileNotFoundError, SyntaxError) as e:
-        raise ValueError(f"cannot import reward module {mod_name!r}: {e}") from e
-    fn = getattr(module, fn_name, None)
+    fn = import_object(spec, "reward")
     if not callable(fn):
+        mod_name, fn_name = spec.rsplit(":", 1)
         raise ValueError(f"reward module {mod_name!r} has no function {fn_name!r}")
     return fn
 

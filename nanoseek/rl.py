@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from . import synthetic
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .device import autocast as autocast_factory
 from .device import dtype_name, model_device, resolve_device, resolve_dtype
@@ -35,21 +34,20 @@ from .files import append_jsonl, read_jsonl
 from .infer import Engine, SamplingParams
 from .metrics import plot_panels, progress_bar, truncate_jsonl
 from .model import Transformer
-from .rewards import RewardRunner, Task, load_task, parse_reward_spec
+from .rewards import RewardRunner, parse_reward_spec
 from .stats import derive_seed
+from .tasks import PROMPT_FORMATS, Task, get_task
 from .tokenizer import Tokenizer
 from .train import set_lr
 from .weights import load as load_model
 from .weights import save_pretrained
 
-PROMPT_FORMATS = ("chat", "r1_zero")
-
 
 @dataclass
 class RLConfig:
     model: str = ""
-    task: str = "arithmetic"
-    task_options: dict[str, Any] = field(default_factory=dict)  # synthetic difficulty, e.g. {"max_digits": 3}
+    task: str = "arithmetic"  # a built-in task, a JSONL file or a plugin module:name (nanoseek.tasks.get_task)
+    task_options: dict[str, Any] = field(default_factory=dict)  # the task's settings, e.g. {"max_digits": 3}
     rewards: list[str] = field(default_factory=list)  # extra reward specs (module:fn[=weight]) added to the task's
     replace_rewards: bool = False  # use only `rewards`, not the task's built-in accuracy + format
     out: str = "runs/rl"
@@ -178,18 +176,7 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# prompts, rollouts and log-probs
-
-
-def format_prompt(item: dict[str, Any], tokenizer: Tokenizer, fmt: str) -> list[int]:
-    """chat: the R1 chat template (generation prompt `<｜Assistant｜><think>\\n`), with the answer-tag instruction —
-    the format `nanoseek chat`/`serve` use, so the RL model can be talked to. r1_zero: R1 paper table 1."""
-    if fmt == "chat":
-        content = item["prompt"]
-        if "<answer>" not in content:
-            content += synthetic.ANSWER_INSTRUCTION
-        return tokenizer.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
-    return tokenizer.encode(synthetic.R1_ZERO_TEMPLATE.format(prompt=item["prompt"]), add_bos=True)
+# rollouts and log-probs (prompts are the task's: nanoseek.tasks)
 
 
 def completion_logprobs(model: Transformer, prompts: list[list[int]], completions: list[list[int]],
@@ -230,7 +217,8 @@ def _reward_specs(cfg: RLConfig, task: Task) -> list[tuple[str, float]]:
     specs = [] if cfg.replace_rewards else list(task.rewards)
     specs += [parse_reward_spec(s) for s in cfg.rewards]
     if not specs:
-        raise ValueError("no rewards: replace_rewards is set but no --reward was given")
+        raise ValueError("no rewards: replace_rewards is set but no --reward was given" if cfg.replace_rewards else
+                         f"no rewards: task {task.name} has no default rewards; give --reward")
     return specs
 
 
@@ -239,21 +227,15 @@ def _columns(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [it.get(k) for it in items] for k in keys}
 
 
-def evaluate_accuracy(engine: Engine, tokenizer: Tokenizer, items: list[dict[str, Any]], task: str, fmt: str,
+def evaluate_accuracy(engine: Engine, tokenizer: Tokenizer, items: list[dict[str, Any]], task: Task, fmt: str,
                       max_new_tokens: int) -> dict[str, Any]:
     """Greedy held-out accuracy with the task's verifier (accuracy only, format not required)."""
     if not items:
         return {}
-    prompts = [format_prompt(it, tokenizer, fmt) for it in items]
+    prompts = [task.encode_prompt(it, tokenizer, fmt) for it in items]
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
     texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-    if task in synthetic.TASKS:
-        scores = [synthetic.verify(task, it, t) for it, t in zip(items, texts)]
-        correct = [s >= 1.0 for s in scores]
-    else:
-        from .rewards import math_verify_accuracy
-
-        correct = [s >= 1.0 for s in math_verify_accuracy(texts, [it["answer"] for it in items])]
+    correct = [task.correct(it, t) for it, t in zip(items, texts)]
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct,
             "mean_len": sum(len(o.token_ids) for o in outs) / len(outs)}
 
@@ -265,8 +247,13 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
     if not cfg.model:
         raise ValueError("model is required: a model directory (config.json + safetensors + tokenizer)")
     device = resolve_device(cfg.device)  # before any work: `--device cuda` without a GPU fails here
-    task = load_task(cfg.task, n_train=cfg.n_train_items, n_test=max(cfg.eval_n, 0), seed=cfg.seed,
-                     options=cfg.task_options)
+    task = get_task(cfg.task, **cfg.task_options)
+    task.require_output("text", "GRPO")
+    # a generated task draws n_train_items problems; a fixed set (a JSONL file) is used whole
+    train_items = task.items("train", cfg.n_train_items if task.size is None else None, cfg.seed)
+    test_items = task.items("test", max(cfg.eval_n, 0), cfg.seed) if task.held_out else []
+    if not cfg.replace_rewards:
+        task.check_items(train_items + test_items)  # the task's rewards grade against its columns
     rewarder = RewardRunner(_reward_specs(cfg, task), timeout=cfg.reward_timeout)  # import errors before compute
     tokenizer = Tokenizer.load(cfg.model)
     if cfg.prompt_format == "chat" and tokenizer.chat_template is None:
@@ -294,23 +281,23 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
     (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     autocast = autocast_factory(device, resolve_dtype(cfg.dtype, device, training=True))
     P, G = cfg.batch_prompts, cfg.group_size
-    prompt_len = max(len(format_prompt(it, tokenizer, cfg.prompt_format)) for it in task.items + task.test_items)
+    prompt_len = max(len(task.encode_prompt(it, tokenizer, cfg.prompt_format)) for it in train_items + test_items)
     engine = Engine(model, tokenizer, max_batch=P * G, max_model_len=prompt_len + cfg.max_new_tokens + 8,
                     seed=cfg.seed)
     rng = random.Random(cfg.seed)
-    order = list(range(len(task.items)))
+    order = list(range(len(train_items)))
     rng.shuffle(order)
 
     def next_items(n: int) -> list[dict[str, Any]]:
-        got = [task.items[order[(cursor[0] + i) % len(order)]] for i in range(n)]
+        got = [train_items[order[(cursor[0] + i) % len(order)]] for i in range(n)]
         cursor[0] += n
         return got
 
     summary: dict[str, Any] = {"start_step": start}
-    eval_items = task.test_items[: cfg.eval_n]
+    eval_items = test_items[: cfg.eval_n]
     if eval_items and start == 0 and (cfg.eval_every or cfg.eval_n):
         with autocast():
-            ev = evaluate_accuracy(engine, tokenizer, eval_items, cfg.task, cfg.prompt_format, cfg.max_new_tokens)
+            ev = evaluate_accuracy(engine, tokenizer, eval_items, task, cfg.prompt_format, cfg.max_new_tokens)
         summary["eval_start"] = {k: v for k, v in ev.items() if k != "correct"}
         append_jsonl(out / "metrics.jsonl", {"step": 0, "eval_accuracy": ev["accuracy"], "eval_len": ev["mean_len"]})
     progress = progress_bar(cfg.progress)
@@ -341,7 +328,7 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
             while need > 0 and rounds <= (cfg.max_refill_rounds if cfg.dynamic_sampling else 0):
                 items = next_items(need)
                 tr = clock()
-                groups = _rollout(engine, tokenizer, rewarder, items, cfg, step, rounds, autocast)
+                groups = _rollout(engine, tokenizer, rewarder, task, items, cfg, step, rounds, autocast)
                 t_roll += clock() - tr
                 rounds += 1
                 for grp in groups:
@@ -436,7 +423,7 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_items:
                 model.eval()
                 with autocast():
-                    ev = evaluate_accuracy(engine, tokenizer, eval_items, cfg.task, cfg.prompt_format,
+                    ev = evaluate_accuracy(engine, tokenizer, eval_items, task, cfg.prompt_format,
                                            cfg.max_new_tokens)
                 rec["eval_accuracy"], rec["eval_len"] = ev["accuracy"], ev["mean_len"]
             append_jsonl(out / "metrics.jsonl", rec)
@@ -458,7 +445,7 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
     model.eval()
     if eval_items and (cfg.eval_every or cfg.eval_n):
         with autocast():
-            ev = evaluate_accuracy(engine, tokenizer, eval_items, cfg.task, cfg.prompt_format, cfg.max_new_tokens)
+            ev = evaluate_accuracy(engine, tokenizer, eval_items, task, cfg.prompt_format, cfg.max_new_tokens)
         summary["eval_end"] = {k: v for k, v in ev.items() if k != "correct"}
         append_jsonl(out / "metrics.jsonl",
                      {"step": step + 1, "eval_accuracy": ev["accuracy"], "eval_len": ev["mean_len"]})
@@ -470,11 +457,11 @@ def rl(cfg: RLConfig, clock: Callable[[], float] = time.perf_counter) -> dict[st
     return summary
 
 
-def _rollout(engine: Engine, tokenizer: Tokenizer, rewarder: RewardRunner, items: list[dict[str, Any]],
+def _rollout(engine: Engine, tokenizer: Tokenizer, rewarder: RewardRunner, task: Task, items: list[dict[str, Any]],
              cfg: RLConfig, step: int, round_: int, autocast) -> list[list[dict[str, Any]]]:
     """G samples per item, scored. Per-request seeds make a resumed run sample exactly what it would have."""
     G = cfg.group_size
-    prompts = [format_prompt(it, tokenizer, cfg.prompt_format) for it in items]
+    prompts = [task.encode_prompt(it, tokenizer, cfg.prompt_format) for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              logprobs=0, ignore_eos=cfg.ignore_eos,
                              seed=derive_seed(cfg.seed, "rollout", step, round_, j))

@@ -3,35 +3,25 @@
 No downloads: every item comes from a seeded generator, with a step-by-step chain of thought and an answer a rule
 can check (R1-Zero is trained on rule-based rewards only). The train/test split is a function of the problem itself
 (a hash), so the two splits never share a problem whatever the seed or size. Formats, samples and the verifier rules
-are in docs/data.md.
+are in docs/data.md. This module is the generators and the checking rules; the tasks built on them (prompt formats,
+which verifier, default rewards, the registry) are in nanoseek/tasks.py.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import os
 import random
 import re
 from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_jsonl
 from .reasoning import split as split_reasoning
 
-TASKS = ("arithmetic", "countdown")
+TASKS = ("arithmetic", "countdown")  # what iter_items generates (the registry of tasks is tasks.BUILTIN_TASKS)
 TEST_PERMILLE = 100  # 10 % of all problems are held out
-ANSWER_INSTRUCTION = " Give the final answer in <answer> </answer> tags."
-# R1 paper, table 1: the R1-Zero prompt (quoted in /work/shared/REFERENCE.md); the RL stage uses it for base models.
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
-    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think> <answer> answer here </answer>. User: {prompt}. Assistant:"
-)
 _COLUMNS = ("ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions")
 
 
@@ -187,37 +177,6 @@ def to_text(item: dict[str, Any]) -> str:
     return f"Question: {item['prompt']}\nReasoning:\n{item['reasoning']}\nAnswer: {item['answer']}"
 
 
-def to_messages(item: dict[str, Any], answer_tags: bool = True,
-                system: str | None = None) -> list[dict[str, Any]]:
-    """A chat: the user asks, the assistant answers with `reasoning_content` and `<answer>...</answer>` content."""
-    messages = [{"role": "system", "content": system}] if system else []
-    prompt = item["prompt"] + (ANSWER_INSTRUCTION if answer_tags else "")
-    answer = f"<answer>{item['answer']}</answer>" if answer_tags else item["answer"]
-    return messages + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "reasoning_content": item["reasoning"], "content": answer}]
-
-
-def r1_zero_prompt(item: dict[str, Any]) -> str:
-    return R1_ZERO_TEMPLATE.format(prompt=item["prompt"])
-
-
-def synth(task: str, n: int, split: str, seed: int, out: str | os.PathLike, fmt: str = "item") -> Path:
-    """Writes `n` items as JSONL: raw items (`item`), `{"text"}` records (`text`) or `{"messages"}` (`chat`)."""
-    if fmt not in ("item", "text", "chat"):
-        raise ValueError(f"format must be 'item', 'text' or 'chat', got {fmt!r}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(item: dict[str, Any]) -> dict[str, Any]:
-        if fmt == "text":
-            return {"id": item["id"], "text": to_text(item)}
-        if fmt == "chat":
-            return {"id": item["id"], "messages": to_messages(item)}
-        return item
-
-    return atomic_write_jsonl(out, map(record, generate(task, n, split, seed)))
-
-
 # ---- verifiers -----------------------------------------------------------------------------------------------
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -296,10 +255,3 @@ def verify_countdown(item: dict[str, Any], completion: str) -> float:
         return 0.1
     return 1.0
 
-
-def verify(task: str, item: dict[str, Any], completion: str) -> float:
-    if task == "arithmetic":
-        return verify_arithmetic(item, completion)
-    if task == "countdown":
-        return verify_countdown(item, completion)
-    raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")

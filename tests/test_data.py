@@ -9,6 +9,7 @@ import torch
 from nanoseek import synthetic
 from nanoseek.cli import main
 from nanoseek.data import PackedBatches, TokenDataset, prepare, token_dtype, train_tokenizer
+from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -146,7 +147,7 @@ def test_ranks_split_the_single_process_batch(packed):
 
 def test_sft_targets_are_ignored_outside_the_assistant_turns(tok, tok_dir, tmp_path):
     items = synthetic.generate("countdown", 20, seed=4)
-    chats = [synthetic.to_messages(i) for i in items]
+    chats = [get_task("countdown").sft_messages(i) for i in items]
     with (tmp_path / "chat.jsonl").open("w") as f:
         for c in chats:
             f.write(json.dumps({"messages": c}) + "\n")

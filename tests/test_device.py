@@ -299,7 +299,7 @@ def test_inference_commands_carry_device_and_dtype(monkeypatch, tmp_path):
 def test_sft_passes_device_and_dtype_to_the_trainer(monkeypatch, tmp_path):
     import nanoseek.train
     from nanoseek.distill import SFTConfig, sft
-    from nanoseek.synthetic import synth
+    from nanoseek.tasks import synth
 
     model = make_tiny_model_dir(tmp_path)
     synth("arithmetic", 8, "train", 0, tmp_path / "chat.jsonl", "chat")

@@ -44,7 +44,8 @@ from nanoseek.distill import (
 )
 from nanoseek.reasoning import split as split_reasoning
 from nanoseek.synthetic import generate as synth_items
-from nanoseek.synthetic import synth, to_text
+from nanoseek.synthetic import to_text
+from nanoseek.tasks import synth
 from nanoseek.tokenizer import Tokenizer
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nanoseek.rewards import RewardRunner, format_reward, load_task, math_verify_accuracy, parse_reward_spec
+from nanoseek.rewards import RewardRunner, format_reward, math_verify_accuracy, parse_reward_spec
 
 
 def test_format_reward_hand_cases():
@@ -56,22 +56,6 @@ def test_bad_specs_fail_before_compute(tmp_path):
     assert parse_reward_spec("m:f=0.25") == ("m:f", 0.25)
     with pytest.raises(ValueError, match="not a number"):
         parse_reward_spec("m:f=abc")
-
-
-def test_task_files(tmp_path):
-    t = load_task("countdown", n_train=10, n_test=5)
-    assert len(t.items) == 10 and {"numbers", "target", "prompt"} <= set(t.items[0])
-    f = tmp_path / "t.jsonl"
-    f.write_text('{"prompt": "1+1?", "answer": "2"}\n')
-    assert load_task(str(f)).items[0]["answer"] == "2"
-    f.write_text('{"question": "1+1?", "answer": "2"}\n')
-    with pytest.raises(ValueError, match="missing the 'prompt' column"):
-        load_task(str(f))
-    f.write_text("\n")
-    with pytest.raises(ValueError, match="has no rows"):
-        load_task(str(f))
-    with pytest.raises(FileNotFoundError, match="neither a built-in task"):
-        load_task("nope")
 
 
 def test_worker_that_cannot_start_fails_fast_with_the_fix(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from nanoseek import synthetic as S
 from nanoseek.cli import main
+from nanoseek.tasks import ANSWER_INSTRUCTION, get_task
 
 COUNTDOWN = {"id": "cd-hand", "task": "countdown", "numbers": [3, 7, 25, 50], "target": 75}
 ARITH = {"id": "ar-hand", "task": "arithmetic", "answer": "5222"}
@@ -27,8 +28,8 @@ def test_generation_is_deterministic_and_splits_never_overlap(task):
 @pytest.mark.parametrize("task", S.TASKS)
 def test_every_generated_answer_is_correct(task):
     for item in S.generate(task, 500, "train", seed=5):
-        assert S.verify(task, item, f"<think>\n{item['reasoning']}\n</think>\n\n<answer>{item['answer']}</answer>") \
-            == 1.0, item
+        completion = f"<think>\n{item['reasoning']}\n</think>\n\n<answer>{item['answer']}</answer>"
+        assert get_task(task).verify(item, completion) == 1.0, item
         if task == "arithmetic":
             a, b = item["a"], item["b"]
             assert int(item["answer"]) == {"add": a + b, "sub": a - b, "mul": a * b}[item["op"]]
@@ -67,12 +68,14 @@ def test_renderings():
     text = S.to_text(item)
     assert "\n\n" not in text and text.startswith(f"Question: {item['prompt']}\nReasoning:\n")
     assert text.endswith(f"\nAnswer: {item['answer']}")
-    user, assistant = S.to_messages(item)
-    assert user == {"role": "user", "content": item["prompt"] + S.ANSWER_INSTRUCTION}
+    task = get_task("countdown")
+    user, assistant = task.sft_messages(item)
+    assert user == {"role": "user", "content": item["prompt"] + ANSWER_INSTRUCTION}
     assert assistant == {"role": "assistant", "reasoning_content": item["reasoning"],
                          "content": f"<answer>{item['answer']}</answer>"}
-    assert S.to_messages(item, answer_tags=False, system="Be terse.")[2]["content"] == item["answer"]
-    assert S.r1_zero_prompt(item).endswith(f"User: {item['prompt']}. Assistant:")
+    terse = task.sft_messages(item, answer_tags=False, system="Be terse.")
+    assert terse[1]["content"] == item["prompt"] and terse[2]["content"] == item["answer"]
+    assert task.plain_prompt(item).endswith(f"User: {item['prompt']}. Assistant:")
 
 
 @pytest.mark.parametrize("completion, reward", [
@@ -89,13 +92,13 @@ def test_renderings():
     ("", 0.0),
 ])
 def test_verify_arithmetic(completion, reward):
-    assert S.verify("arithmetic", ARITH, completion) == reward
+    assert S.verify_arithmetic(ARITH, completion) == reward
 
 
 def test_verify_arithmetic_negative_answers():
-    assert S.verify("arithmetic", {"answer": "-12"}, "<answer>-12</answer>") == 1.0
-    assert S.verify("arithmetic", {"answer": "-12"}, "<answer>12</answer>") == 0.0
-    assert S.verify("arithmetic", {"answer": "-12"}, "it is -12") == 1.0
+    assert S.verify_arithmetic({"answer": "-12"}, "<answer>-12</answer>") == 1.0
+    assert S.verify_arithmetic({"answer": "-12"}, "<answer>12</answer>") == 0.0
+    assert S.verify_arithmetic({"answer": "-12"}, "it is -12") == 1.0
 
 
 @pytest.mark.parametrize("completion, reward", [
@@ -118,7 +121,7 @@ def test_verify_arithmetic_negative_answers():
     ("<answer>(25 * 7 + 50) / 3", 0.0),  # unclosed tag: no format
 ])
 def test_verify_countdown(completion, reward):
-    assert S.verify("countdown", COUNTDOWN, completion) == reward
+    assert S.verify_countdown(COUNTDOWN, completion) == reward
 
 
 def test_safe_eval_is_exact():
@@ -139,7 +142,7 @@ def test_errors_and_cli(tmp_path, capsys):
                  "--out", str(out), "--format", "chat"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     items = S.generate("countdown", 5, "test", 2)
-    assert [r["messages"] for r in records] == [S.to_messages(i) for i in items]
+    assert [r["messages"] for r in records] == [get_task("countdown").sft_messages(i) for i in items]
     assert main(["data", "synth", "--task", "arithmetic", "--n", "3", "--out", str(out)]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == S.generate("arithmetic", 3)
     assert not list(tmp_path.glob(".*tmp*"))
