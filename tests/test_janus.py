@@ -131,6 +131,26 @@ def test_parity_transformers_to_nanoseek(tmp_path, tied):
     _compare(ours, hf, cfg)
 
 
+def test_parity_with_a_deepseek_v3_trunk(tmp_path):
+    """The mini Janus' trunk is nanoseek's DeepSeek-V3 block (MLA + DeepSeekMoE, docs/janus.md): transformers' Janus
+    builds its language model from any text config, so a V3 text config loads there as DeepseekV3Model and the
+    logits, image features and generation head match."""
+    from nanoseek.model import PRESETS
+
+    t = TINY.text
+    v3 = replace(PRESETS["tiny"], vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                 max_position_embeddings=t.max_position_embeddings, num_nextn_predict_layers=0,
+                 tie_word_embeddings=False)
+    cfg = replace(TINY, text=v3)
+    ours = _random(cfg)
+    save_pretrained(ours, tmp_path / "m")
+    hf = _hf(tmp_path / "m")
+    assert type(hf.model.language_model).__name__ == "DeepseekV3Model"
+    _compare(ours, hf, cfg)
+    back = nanoseek.load(tmp_path / "m")
+    assert back.config.text.attention == "mla" and back.config.text.n_routed_experts == v3.n_routed_experts
+
+
 def test_untied_head_under_a_tied_config_loads_untied(tmp_path):
     """Janus-Pro's head is its own while JanusConfig defaults to tied: a different lm_head in the files wins."""
     cfg = _tiny(False)
