@@ -74,7 +74,10 @@ class AblationConfig:
     eval_batches: int = 4  # of batch_size x seq_len held-out tokens, the same batches at every evaluation
     device: str | None = None
     dtype: str = "fp32"  # the reference estimates were measured in fp32 on a CPU
-    step_s: float = 0.6  # reference seconds per training step (2-core CPU alone); printed estimate only
+    # torch threads for the whole run (None: torch's default). Results differ in their last digits between thread
+    # counts; the runner records the count and flags a resume with another one
+    threads: int | None = None
+    step_s: float = 0.75  # reference seconds per step (2-core CPU alone, evaluations included); estimate only
 
     def _fast(self) -> None:
         self.n_seeds, self.n_train, self.vocab_size, self.val_docs = 2, 300, 512, 40
@@ -87,7 +90,7 @@ class AblationConfig:
 
     def identity(self) -> dict[str, Any]:
         """The plan a run directory is bound to: everything but the output path and the timing estimate."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "step_s")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "step_s", "threads")}
 
     def demo_plan(self) -> DemoPlan:
         return DemoPlan(fast=self.fast, seed=self.seed, task=self.task, task_options=dict(self.task_options),
@@ -133,7 +136,10 @@ class MTPConfig(AblationConfig):
     spec_prompts: int = 100
     spec_batch: int = 16
     tps_prompts: int = 16  # timed at batch 1, plain vs speculative (results["timed"])
-    step_s: float = 0.14
+    # one thread: the tiny model's matrices gain little from a second one, and on a shared 2-core machine two
+    # OpenMP threads made its steps 30x slower (5 s instead of 0.16 s: they wait for each other's core)
+    threads: int | None = 1
+    step_s: float = 0.2
 
     def __post_init__(self) -> None:
         if self.fast:
@@ -262,8 +268,16 @@ def _summaries(res: dict[str, dict[str, Any]], arms: Sequence[str], metrics: dic
 def _run(cfg: AblationConfig, title: str, stages: list[Stage], skip: Sequence[str], only: Sequence[str],
          fresh: bool, console: Console) -> experiment.Outcome:
     out = Path(cfg.out)
-    outcome = experiment.run(out, stages, cfg.identity(), skip=skip, only=only, fresh=fresh, console=console,
-                             title=title, threads=torch.get_num_threads())
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        outcome = experiment.run(out, stages, cfg.identity(), skip=skip, only=only, fresh=fresh, console=console,
+                                 title=title, threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
     atomic_write_json(out / "experiment_config.json", dataclasses.asdict(cfg))
     return outcome
 
@@ -382,8 +396,9 @@ def balance_markdown(r: dict[str, Any]) -> str:
 
 
 def plot_balance(r: dict[str, Any], png: Path) -> Path:
-    """Validation loss, batch-wise and sequence-wise MaxVio (worst layer, 10-step mean) over training: each seed
-    faint, the mean over seeds bold; the uniform-routing noise floor (p95) dashed."""
+    """Over training: validation loss minus the `neither` arm's at the same seed (the paired difference the table
+    tests), batch-wise and sequence-wise MaxVio (worst layer, 10-step mean); each seed faint, the mean over seeds
+    bold; the uniform-routing noise floor (p95) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +413,10 @@ def plot_balance(r: dict[str, Any], png: Path) -> Path:
         label = _label(arm, r["config"])
         for ax, key in zip(axes, ("val", "maxvio", "seq_maxvio")):
             if key == "val":
-                series = [([p[0] for p in c["val"]], [p[1] for p in c["val"]]) for c in runs]
+                ref = {k.rsplit("seed", 1)[1]: v["val"] for k, v in r["curves"].items() if k.startswith("neither")}
+                series = [([p[0] for p in c["val"]],
+                           [p[1] - q[1] for p, q in zip(c["val"], ref[k.rsplit("seed", 1)[1]])])
+                          for k, c in r["curves"].items() if k.startswith(f"{arm}-seed")]
             else:
                 series = [(list(range(1, len(c[key]) + 1)), _smooth(c[key], 10)) for c in runs]
             for xs, ys in series:
@@ -407,9 +425,11 @@ def plot_balance(r: dict[str, Any], png: Path) -> Path:
             mean = [sum(s[1][i] for s in series) / len(series) for i in range(len(xs))]
             ax.plot(xs, mean, color=color, lw=1.8, label=label)
     for ax, key, title in zip(axes, ("val", "maxvio", "seq_maxvio"),
-                              ("validation loss", "MaxVio, batch-wise (worst layer)",
+                              ("validation loss minus neither's (same seed)", "MaxVio, batch-wise (worst layer)",
                                "MaxVio, sequence-wise (worst layer)")):
-        if key != "val":
+        if key == "val":
+            ax.axhline(0, color="gray", lw=1)
+        else:
             ax.axhline(r["noise_floor"][key]["p95"], color="gray", ls="--", lw=1, label="uniform routing (p95)")
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
