@@ -179,8 +179,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import experiment, experiment_config, parse_stage_list
 
-    experiment(experiment_config(args.overrides, out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed),
-               skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
+    common = dict(out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed)
+    stages = dict(skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
+    if args.name == "distill-vs-rl":
+        experiment(experiment_config(args.overrides, **common), **stages)
+    else:
+        from .ablations import run_ablation
+
+        run_ablation(args.name, args.overrides, **stages, **common)
     return 0
 
 
@@ -676,8 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("experiment", help="a staged experiment behind a finding (docs/findings), resumable",
                         description="distill-vs-rl: docs/findings/distill-vs-rl.md (same as `nanoseek distill "
-                                    "experiment`). Any experiment config field as key=value.")
-    sp.add_argument("name", choices=("distill-vs-rl",), help="the experiment")
+                                    "experiment`); moe-balance: docs/findings/moe-balance.md (aux-loss-free bias vs "
+                                    "auxiliary loss vs neither); mtp: docs/findings/mtp.md (with vs without the MTP "
+                                    "module). Any experiment config field as key=value.")
+    sp.add_argument("name", choices=("distill-vs-rl", "moe-balance", "mtp"), help="the experiment")
     sp.add_argument("--out", default=None, help="output directory (default runs/NAME)")
     sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers mean nothing")
     sp.add_argument("--seed", type=int, default=0)

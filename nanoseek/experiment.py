@@ -14,9 +14,9 @@ JSON-able numbers. The runner
     the reference this machine has been so far), shared among the shrinkable stages in proportion to their
     estimates. Without a limit no stage ever sees a clock.
 
-Below the runner, the experiments it hosts besides the demo (nanoseek/demo.py): `distill-vs-rl`, the finding of
-docs/findings/distill-vs-rl.md. This is the composition floor: it imports the stages (train, rl, distill, eval); they
-never import it.
+Below the runner, the experiments it hosts besides the demo (nanoseek/demo.py) and V3's ablations
+(nanoseek/ablations.py: `moe-balance`, `mtp`): `distill-vs-rl`, the finding of docs/findings/distill-vs-rl.md. This
+is the composition floor: it imports the stages (train, rl, distill, eval); they never import it.
 """
 
 from __future__ import annotations
@@ -269,12 +269,13 @@ class ExperimentConfig:
             self.seq_len = 128
 
 
-def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> ExperimentConfig:
-    """An ExperimentConfig from keyword arguments and `key=value` strings (TOML values, as `nanoseek train`)."""
+def experiment_config(overrides: Sequence[str] = (), cls: type = ExperimentConfig, **kwargs: Any) -> Any:
+    """An experiment's config (`cls`, by default distill-vs-rl's ExperimentConfig) from keyword arguments and
+    `key=value` strings (TOML values, as `nanoseek train`)."""
     from .train import _parse_value, _unknown
 
     values = dict(kwargs)
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    names = {f.name for f in dataclasses.fields(cls)}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -282,7 +283,7 @@ def experiment_config(overrides: Sequence[str] = (), **kwargs: Any) -> Experimen
         if k not in names:
             raise ValueError(_unknown(k, names, "experiment config key"))
         values[k] = _parse_value(v)
-    return ExperimentConfig(**values)
+    return cls(**values)
 
 
 def _task(cfg: ExperimentConfig) -> Task:

@@ -584,14 +584,18 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         # tokens routed to each expert since the last bias update (not saved)
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # training forwards since the last bias update: [sum over sequences of their MaxVio, sequences] (not saved)
+        self.register_buffer("sequence_vio", torch.zeros(2), persistent=False)
 
     def _apply(self, fn, recurse=True):  # keep the bias and load counters in fp32 through .to(bf16) / .half()
-        bias, load = self.e_score_correction_bias, self.expert_load
+        bias, load, seq = self.e_score_correction_bias, self.expert_load, self.sequence_vio
         super()._apply(fn, recurse)
         if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
             self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
         if self.expert_load.dtype != torch.float32:
             self.expert_load = load.to(device=self.expert_load.device, dtype=torch.float32)
+        if self.sequence_vio.dtype != torch.float32:
+            self.sequence_vio = seq.to(device=self.sequence_vio.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -757,6 +761,13 @@ class MoE(nn.Module):
             # scatter_add, not bincount: a static output shape, so a compiled decode step keeps one graph
             load = self.gate.expert_load
             load.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=load.dtype, device=load.device))
+            if self.training:
+                # sequence-wise MaxVio: each row's own load (the unit the sequence-wise balance loss, V3 eq. 17,
+                # balances); V3 §4.5.3 contrasts balance per sequence with balance per batch
+                seq = torch.zeros(B, load.numel(), dtype=load.dtype, device=load.device).scatter_add_(
+                    1, idx.view(B, -1), torch.ones(B, idx.numel() // B, dtype=load.dtype, device=load.device))
+                vio = seq.amax(dim=-1) / seq.mean(dim=-1) - 1  # (B,): every row routes T*K > 0 assignments
+                self.gate.sequence_vio += torch.stack([vio.sum(), vio.new_tensor(float(B))])
         y = self.experts(flat, idx, w).view(B, T, D)  # V3 eq. 12: h' = u + sum shared + sum g_i routed_i
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -852,9 +863,11 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std)
         for m in self.modules():
-            if isinstance(m, Router) and m.e_score_correction_bias is not None and not m.expert_load.is_meta:
-                m.e_score_correction_bias.zero_()
+            if isinstance(m, Router) and not m.expert_load.is_meta:
+                if m.e_score_correction_bias is not None:
+                    m.e_score_correction_bias.zero_()
                 m.expert_load.zero_()
+                m.sequence_vio.zero_()
 
     # ---- masks and positions -----------------------------------------------------------------------------------
     @staticmethod
@@ -1010,8 +1023,24 @@ class Transformer(nn.Module):
         return torch.where(mean > 0, load.amax(dim=-1) / mean.clamp(min=1e-9) - 1, torch.zeros_like(mean))
 
     @torch.no_grad()
+    def sequence_max_violation(self, sync: bool = True) -> torch.Tensor:
+        """(n_moe_layers,) sequence-wise MaxVio since the last bias update: each training sequence's (batch row's)
+        max expert load / its mean load - 1, averaged over the sequences (all data-parallel ranks'). Batch-wise
+        MaxVio (update_router_bias) asks whether a whole batch is balanced; this asks it of every sequence, which
+        the sequence-wise balance loss enforces and the aux-loss-free bias does not (V3 report §4.5.3). 0 for a
+        layer that saw no training sequence."""
+        routers = self.routers()
+        if not routers:
+            return torch.zeros(0)
+        acc = torch.stack([r.sequence_vio for r in routers])  # (layers, 2): sum of MaxVio, sequences
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(acc)
+        return torch.where(acc[:, 1] > 0, acc[:, 0] / acc[:, 1].clamp(min=1), torch.zeros_like(acc[:, 0]))
+
+    @torch.no_grad()
     def update_router_bias(self, gamma: float, sync: bool = True) -> torch.Tensor:
-        """b_i += gamma * sign(mean load - load_i) per MoE layer, then reset the counters. Returns MaxVio per layer.
+        """b_i += gamma * sign(mean load - load_i) per MoE layer, then reset the counters (loads and the
+        sequence-wise MaxVio). Returns MaxVio per layer.
 
         Call once per optimizer step on every rank: loads are all-reduced so all replicas keep identical biases.
         """
@@ -1022,6 +1051,7 @@ class Transformer(nn.Module):
             if r.e_score_correction_bias is not None and gamma > 0 and l.sum() > 0:
                 r.e_score_correction_bias += gamma * torch.sign(l.mean() - l)
             r.expert_load.zero_()
+            r.sequence_vio.zero_()
         return self.max_violation(load)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

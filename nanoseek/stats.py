@@ -4,6 +4,8 @@
                  Newcombe 1998 method 10), mcnemar_exact (paired proportions), holm (multiple testing)
   resampling     bootstrap / percentile_ci / bootstrap_ci / bootstrap_cis (percentile bootstrap over items of any
                  statistic), paired_difference (paired bootstrap over matched items)
+  few runs       t_quantile (Student's t, by hand), t_interval / paired_t (t intervals over a few runs and over
+                 matched runs, e.g. seeds: where a bootstrap over 3 values is too narrow)
   generation     pass_at_k (Chen et al. 2021), majority_vote (cons@k / maj@k)
   agreement      cohen_kappa, prf (per-class precision / recall / F1, macro-F1, accuracy) and prf_cis
   seeds          derive_seed: the one way a per-sample or per-step seed is derived from a run seed
@@ -141,6 +143,68 @@ def paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float], 
     if not diffs:
         raise ValueError("the two evaluations share no item ids: compare them on the same items")
     return {"mean": mean(diffs), "ci": bootstrap_ci(diffs, reps=reps, level=level, seed=seed), "n": len(diffs)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# few runs: Student's t
+
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer df, in closed form (Abramowitz & Stegun 26.7.3-4): with
+    theta = atan(t / sqrt(df)), a finite series in cos(theta) whose length grows with df."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), the series empty at df 1
+        term, series = 1.0, 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):
+            term *= 2 * j / (2 * j + 1) * c2
+            series += term
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    term = series = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for j in range(1, df // 2):
+        term *= (2 * j - 1) / (2 * j) * c2
+        series += term
+    return math.sin(theta) * series
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with integer df >= 1 (bisection on the closed-form CDF, to ~1e-12):
+    t_quantile(0.975, 2) = 4.3027, the factor a 95% interval over 3 paired runs needs (1.96 for a normal)."""
+    if not 0 < p < 1 or df < 1 or int(df) != df:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and an integer df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    target, lo, hi = 2 * p - 1, 0.0, 1.0
+    while _t_central(hi, int(df)) < target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, int(df)) < target else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of a few values (one number per run) with Student's t interval, mean +- t * sd / sqrt(n), df = n - 1:
+    for a handful of runs, where a bootstrap over n = 3 values can only return their spread and under-covers.
+    Returns mean, ci, n, sd; the interval is NaN for fewer than two values."""
+    n, m = len(values), mean(values)
+    if n < 2:
+        return {"mean": m, "ci": (NAN, NAN), "n": n, "sd": NAN}
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": m, "ci": (m - half, m + half), "n": n, "sd": sd}
+
+
+def paired_t(a: Mapping[Hashable, float], b: Mapping[Hashable, float], *, level: float = 0.95) -> dict[str, Any]:
+    """Mean of b[i] - a[i] over the keys both have (in b's order) with t_interval's interval: for matched runs
+    (seeds of two training recipes), where the pairing removes what the seed does to both. Returns mean, ci, n, sd
+    and the differences; ValueError when the two share no key."""
+    diffs = [float(v) - float(a[i]) for i, v in b.items() if i in a]
+    if not diffs:
+        raise ValueError("the two sets of runs share no key (seed): compare them on the same seeds")
+    return {**t_interval(diffs, level), "diffs": diffs}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -492,13 +492,15 @@ def train(cfg: TrainConfig, clock: Callable[[], float] = time.perf_counter) -> d
             for o in opts:
                 o.step()
                 o.zero_grad(set_to_none=True)
+            seq_maxvio = model.sequence_max_violation()  # read before the bias update resets the counters
             maxvio = model.update_router_bias(cfg.bias_update_speed)  # all-reduces loads under DP
             dt = clock() - t0
             rec = {"step": step + 1, "lr": lr, "grad_norm": float(gnorm),
                    **{k: float(_all_mean(torch.tensor([v], device=device))) for k, v in sums.items()},
                    "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
                    "mfu": flops_per_token * tokens_per_step / dt / peak, "step_time": dt,
-                   "maxvio": [round(float(v), 4) for v in maxvio], "elapsed": clock() - t_start}
+                   "maxvio": [round(float(v), 4) for v in maxvio],
+                   "seq_maxvio": [round(float(v), 4) for v in seq_maxvio], "elapsed": clock() - t_start}
             if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["val_loss"] = evaluate(model, cfg, rank, world, device, autocast)
             if master and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
@@ -562,7 +564,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
-    """Loss curves (total, main, MTP, validation), lr and MaxVio per MoE layer from a metrics JSONL."""
+    """Loss curves (total, main, MTP, validation), lr and MaxVio per MoE layer (batch-wise and sequence-wise) from a
+    metrics JSONL."""
     recs = [r for r in read_jsonl(metrics) if "event" not in r]
     return plot_panels(recs, png, [("loss", ["loss", "main", "mtp", "val_loss"]), ("learning rate", ["lr"]),
-                                   ("expert load MaxVio", ["maxvio"])])
+                                   ("expert load MaxVio", ["maxvio", "seq_maxvio"])])

@@ -230,6 +230,34 @@ def test_bias_update_moves_toward_balance_and_reports_maxvio():
     assert maxvio[1] == 0  # the MTP layer saw no tokens in a plain forward
 
 
+def test_sequence_maxvio_hand_example():
+    """Batch-wise balance can hide sequence-wise imbalance (V3 §4.5.3): two sequences that each use half the experts
+    balance the batch perfectly (batch MaxVio 0) while each sequence has MaxVio 1."""
+    cfg = replace(TINY, n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, topk_method="greedy")
+    model = build(cfg)
+    moe = model.layers[1].mlp
+    idx = torch.tensor([[0], [0], [1], [1], [2], [2], [3], [3]])  # B=2, T=4, K=1: row 0 -> experts 0,1; row 1 -> 2,3
+    routed = (torch.ones(8, 1), idx, torch.full((8, 4), 0.25))
+    moe.gate.forward = lambda x: routed
+    x = torch.randn(2, 4, cfg.hidden_size)
+    moe.eval()
+    moe(x)  # inference forwards are not sequences of a training batch: not counted
+    assert moe.gate.sequence_vio.tolist() == [0.0, 0.0]
+    moe.train()
+    moe(x)
+    # row loads [2, 2, 0, 0] and [0, 0, 2, 2]: max / mean - 1 = 2 / 1 - 1 = 1 each; batch loads [2, 2, 2, 2] (plus the
+    # eval forward's, also balanced): MaxVio 0
+    assert moe.gate.sequence_vio.tolist() == [2.0, 2.0]
+    assert model.sequence_max_violation().tolist() == [1.0, 0.0]  # the MTP layer saw no sequence
+    row = torch.tensor([[0], [0], [0], [1]])  # one more row: loads [3, 1, 0, 0], max / mean - 1 = 3 / 1 - 1 = 2
+    moe.gate.forward = lambda x: (torch.ones(4, 1), row, torch.full((4, 4), 0.25))
+    moe(torch.randn(1, 4, cfg.hidden_size))
+    assert model.sequence_max_violation()[0].item() == pytest.approx((1 + 1 + 2) / 3)
+    maxvio = model.update_router_bias(gamma=1e-3)
+    assert maxvio[0].item() == pytest.approx(7 / 5 - 1)  # batch loads [7, 5, 4, 4] over the three forwards
+    assert model.sequence_max_violation().tolist() == [0.0, 0.0]  # reset with the loads
+
+
 def test_balance_loss_hand_example():
     cfg = replace(TINY, n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, topk_method="greedy")
     moe = build(cfg).layers[1].mlp

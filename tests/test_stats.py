@@ -21,10 +21,13 @@ from nanoseek.stats import (
     mcnemar_exact,
     newcombe_diff,
     paired_difference,
+    paired_t,
     pass_at_k,
     percentile_ci,
     prf,
     prf_cis,
+    t_interval,
+    t_quantile,
     wilson,
 )
 
@@ -145,6 +148,40 @@ def test_paired_difference():
     assert paired_difference(a, a) == {"mean": 0.0, "ci": (0.0, 0.0), "n": 40}
     with pytest.raises(ValueError, match="share no item ids"):
         paired_difference(a, {"other": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# few runs: Student's t
+
+
+@pytest.mark.parametrize("p, df, t", [
+    # the two-sided 95% row of every t table (e.g. Fisher & Yates; NIST/SEMATECH e-Handbook 1.3.6.7.2), and one-sided
+    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 3, 3.182), (0.975, 4, 2.776), (0.975, 5, 2.571),
+    (0.975, 10, 2.228), (0.975, 30, 2.042), (0.95, 2, 2.920), (0.99, 7, 2.998), (0.995, 12, 3.055),
+])
+def test_t_quantile_published_values(p, df, t):
+    assert t_quantile(p, df) == pytest.approx(t, abs=6e-4)
+    assert t_quantile(1 - p, df) == pytest.approx(-t, abs=6e-4)  # symmetric
+
+
+def test_t_quantile_tends_to_the_normal_and_rejects_bad_input():
+    assert t_quantile(0.975, 2000) == pytest.approx(1.95996, abs=2e-3) and t_quantile(0.5, 3) == pytest.approx(0)
+    for p, df in ((0.0, 3), (1.0, 3), (0.9, 0), (0.9, 2.5)):
+        with pytest.raises(ValueError, match="t_quantile needs"):
+            t_quantile(p, df)
+
+
+def test_paired_t_hand_computed():
+    a, b = {"s0": 1.0, "s1": 2.0, "s2": 3.0}, {"s2": 3.0, "s1": 4.0, "s0": 2.0, "s9": 7.0}
+    d = paired_t(a, b)  # differences (b's order) 0, 2, 1: mean 1, sd 1, half-width 4.3027 / sqrt(3)
+    assert d["diffs"] == [0.0, 2.0, 1.0] and d["n"] == 3 and d["mean"] == 1.0 and d["sd"] == pytest.approx(1.0)
+    assert d["ci"] == pytest.approx((1 - 4.302653 / math.sqrt(3), 1 + 4.302653 / math.sqrt(3)))
+    one = paired_t({"s0": 1.0}, {"s0": 1.5})
+    assert one["mean"] == 0.5 and all(math.isnan(x) for x in one["ci"])  # one pair: no interval
+    with pytest.raises(ValueError, match="share no key"):
+        paired_t(a, {"other": 1.0})
+    # the interval of one set of runs: zero spread gives a zero-width interval
+    assert t_interval([0.9, 0.9, 0.9])["ci"] == pytest.approx((0.9, 0.9))
 
 
 # ---------------------------------------------------------------------------------------------------------------
