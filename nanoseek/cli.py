@@ -465,9 +465,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--max-images", type=int, default=4,
                     help="Janus: images per /v1/images/generations request (n, at most 10; default 4)")
     sp.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP speculative decoding drafts")
-    sp.add_argument("--compile", action="store_true",
-                    help="compile the decode step at startup (a frozen graph per batch bucket; docs/inference.md)")
-    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile the decode step at startup (default: when the model is large enough for it to pay; "
+                         "weights stay live; docs/inference.md)")
+    _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--seed", type=int, default=None, help="engine seed for unseeded requests")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sp.set_defaults(func=cmd_serve)
@@ -634,9 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="sampling seed")
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     sp.add_argument("--speculative", action="store_true", help="MTP speculative decoding (V3 report 5.4.3)")
-    sp.add_argument("--compile", action="store_true",
-                    help="compile the decode step: 3-5x faster per token after a one-off compile (docs/inference.md)")
-    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile the decode step (default: when the model is large enough for it to pay; "
+                         "docs/inference.md)")
+    _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
     sp.add_argument("--image", help="an image file: ask --prompt about it (Janus models)")
     sp.set_defaults(func=cmd_generate)
