@@ -170,7 +170,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, file_type: str = "f32
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     if not (tok_dir / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer.json in {tok_dir}: a GGUF file carries its tokenizer (pass --tokenizer)")
-    model = load(model_dir, device="cpu", dtype=torch.float32)
+    model = load(model_dir, device="cpu")  # its own dtype: tensors are converted one at a time below
     if not isinstance(model, Transformer):
         raise ValueError("GGUF export supports nanoseek language models (a Janus directory is not one)")
     cfg = model.config
