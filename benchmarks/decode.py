@@ -1,305 +1,360 @@
-"""Decode throughput: nanoseek's Engine vs transformers' `generate` (with its KV cache), and MTP speculative decoding.
+"""End-to-end decode: nanoseek's Engine against transformers' `generate` and llama.cpp, in two regimes.
 
-Part 1, nanoseek vs transformers. Both hold the same weights (nanoseek's `save_pretrained` directory loaded with
-`AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32)`), fp32 on both sides, greedy, the same fixed random
-prompts (P tokens) and exactly N new tokens (EOS ignored: `ignore_eos` / `min_new_tokens`). Configs set
-`num_nextn_predict_layers=0` (transformers has no MTP). Decode time runs from the first generated token to the
-last (prefill excluded: a logits processor timestamps the end of transformers' prefill forward; nanoseek's first
-`step()` is the prefill), so decode tokens/s = B x (N - 1) / decode time. The greedy outputs are compared.
+What a user meets: `Engine.generate` end to end (prefill included, wall clock), 32-token prompts, 128 new tokens,
+greedy, MTP off, the machine's two threads, each engine in its own process (fresh allocator, caches, threads). Every
+engine first generates once; the greedy tokens are compared across engines before anything is timed; then the
+same generation is timed `--repeats` times (median and spread reported). nanoseek runs its default decode path
+(the compiled `DecodeStep`, weights live; its warm-up is reported apart, cold and from the warm compile cache);
+`--eager` adds the eager engine as a reference row.
 
-Part 2, MTP speculative decoding (V3 report section 5.4.3). On a random model the MTP module's guesses are noise
-and almost nothing is accepted, so the benchmark first trains the `small` preset (MTP on; `tiny` with --quick) for
-120 steps on a synthetic language: a fixed random successor for every token, replaced by a random token 20% of the
-time. The main model learns next = succ(t), the MTP module succ(succ(t)), which makes drafts acceptable; a real
-model's acceptance (V3: 85-90% for the second token) depends on its data. `small` rather than `tiny`: the draft
-must be cheap next to the main model, and tiny's MTP block costs 75% of its 2-layer main model (small: 20%;
-V3: 1 block vs 61 layers). Reported per k (draft tokens per step): acceptance, tokens per step, and speedup over
-plain decoding of the same engine, greedy (outputs checked identical) and sampled (temperature 1).
+Regime `overhead` (models whose decode step is short, so per-op and per-step costs decide): the hidden-320 V3-style
+config of the decode issue (5 layers, 24 routed experts top-3, MLA with q-LoRA) and the demo's model (nanoseek's
+DemoPlan: `small` at hidden 128, 4 layers, vocabulary 1024), random weights, fp32. Peers: transformers (the same
+weights through `save_pretrained`, fp32) at batch 1, 4 and 16; llama.cpp (the same weights through
+`nanoseek export --format gguf`, f32) at batch 1 (its Python binding's high-level API decodes one sequence).
 
-Timing on a shared machine: settings are interleaved round-robin and the median of the repeats is reported. With
-one torch thread (the default here: these models are too small for two threads to help), times are the thread's
-CPU time (`time.thread_time`), which other jobs on the machine do not inflate; `--threads 2` uses wall time.
+Regime `bandwidth` (a real model's decode on a laptop: the weights' bytes decide): a DeepSeek-V2-Lite-shaped
+slice (V2-Lite's widths, heads, experts and 102,400-token vocabulary; 1 dense + 3 MoE layers; bf16, ~4.5 GB),
+against llama.cpp in the same precision (bf16 GGUF), batch 1. Achieved bandwidth = bytes of weights one token reads
+(attention, the dense MLP, shared experts, the 6 routed experts chosen per layer, norms, the output head; one
+embedding row) x tokens/s, against the read bandwidth of this machine measured in the same run (two threads
+summing a 2 GiB tensor). `--int8` adds nanoseek weight-only int8 against llama.cpp's Q8_0 (labelled).
 
-    .venv/bin/python benchmarks/decode.py               # small + wide, then MTP on small; ~15 minutes
-    .venv/bin/python benchmarks/decode.py --quick       # smoke run: small only, short outputs, MTP on tiny
-    .venv/bin/python benchmarks/decode.py --json results.json
-    .venv/bin/python benchmarks/decode.py --compile --skip-mtp  # + Engine(compile=True) (~20-40 s compile per shape)
+llama.cpp comes from llama-cpp-python (the `bench` extra: built from source, minutes on two cores; install it into
+its own venv and pass `--llama-python`). Models, GGUF files and results go to `--out`.
+
+    .venv/bin/python benchmarks/decode.py overhead --llama-python /work/bench-venv/bin/python
+    .venv/bin/python benchmarks/decode.py bandwidth --llama-python /work/bench-venv/bin/python
+    .venv/bin/python benchmarks/decode.py overhead --configs demo --batches 1 --repeats 1   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from nanoseek.infer import Engine, EngineStats, SamplingParams  # noqa: E402
-from nanoseek.model import ModelConfig, Transformer, build  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_LEN, NEW_TOKENS = 32, 128
+SAMPLE_TEXT = "Question: what is 123 + 4567? Answer: 4690.\n\n  x  日本語 abc 7x8=56 (99) don't\tend "
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "small": {"num_nextn_predict_layers": 0},
-    "wide": {  # as benchmarks/forward.py: twice the width, heads and experts of `small`
-        "num_nextn_predict_layers": 0, "hidden_size": 512, "intermediate_size": 1536,
-        "moe_intermediate_size": 256, "num_attention_heads": 16, "q_lora_rank": 256, "kv_lora_rank": 128,
-        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 4,
-    },
+    # the decode issue's "V3-style config the project never tuned for"
+    "v3-320": {"preset": "small", "hidden_size": 320, "num_hidden_layers": 5, "intermediate_size": 960,
+               "moe_intermediate_size": 160, "n_routed_experts": 24, "num_experts_per_tok": 3, "n_group": 4,
+               "topk_group": 2, "q_lora_rank": 128, "kv_lora_rank": 64, "num_nextn_predict_layers": 0},
+    # the demo's base model (nanoseek.demo.DemoPlan), MTP off
+    "demo": {"preset": "small", "vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 4,
+             "intermediate_size": 384, "moe_intermediate_size": 64, "q_lora_rank": 96, "kv_lora_rank": 64,
+             "num_nextn_predict_layers": 0},
+    # DeepSeek-V2-Lite's widths, heads, experts and vocabulary, 4 of its 27 layers (1 dense + 3 MoE)
+    "v2-lite-slice": {"preset": "deepseek-v2-lite", "num_hidden_layers": 4, "first_k_dense_replace": 1},
 }
 
 
-def load_hf(model: Transformer):
-    """transformers' model on nanoseek's exported weights (shared with benchmarks/forward.py), in eval mode."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from forward import load_hf as load_hf_train
-
-    return load_hf_train(model).eval()
+# ---- children: one engine per process ------------------------------------------------------------------------
 
 
-class Timer:
-    """Thread CPU time with one torch thread (robust to other jobs on a shared machine), else wall time."""
+def child_nanoseek(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
 
-    def __init__(self) -> None:
-        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-        self.kind = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
+    sys.path.insert(0, str(ROOT))
+    from nanoseek import load
+    from nanoseek.infer import Engine, SamplingParams
 
-
-def nanoseek_decode(engine: Engine, prompts: list[list[int]], params: SamplingParams, clock: Callable[[], float]
-                    ) -> tuple[float, list[list[int]]]:
-    """Returns (decode seconds after the prefill step, tokens per request)."""
-    ids = [engine.add_request(p, params) for p in prompts]
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    for d in engine.step():  # admits every request: the prefill, and the first token
-        out[d.request_id] += d.token_ids
-    t = clock()
-    while engine.has_work():
-        for d in engine.step():
-            out[d.request_id] += d.token_ids
-    return clock() - t, [out[i] for i in ids]
-
-
-def hf_decode(hf: Any, x: torch.Tensor, n_new: int, clock: Callable[[], float]) -> tuple[float, list[list[int]]]:
-    """Returns (decode seconds from the first generated token on, tokens per row)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    stamps: list[float] = []
-
-    class Stamp(LogitsProcessor):  # called once per step, after its forward: the first call ends the prefill
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if not stamps:
-                stamps.append(clock())
-            return scores
-
-    pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
-    with torch.inference_mode():
-        seq = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
-                          do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([Stamp()]))
-    return clock() - stamps[0], seq[:, x.shape[1]:].tolist()
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    model = load(a.model_dir, dtype=dtype).eval()
+    prompts = json.loads(a.prompts)
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine = Engine(model, max_batch=len(prompts), max_model_len=PROMPT_LEN + NEW_TOKENS, compile=not a.eager)
+    engine.warmup()
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    warm = time.perf_counter() - t0
+    tokens = [o.token_ids for o in engine.generate(prompts, sp)]
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        engine.generate(prompts, sp)
+        times.append(time.perf_counter() - t)
+    return {"tokens": tokens, "times": times, "warmup_s": warm}
 
 
-def round_robin(runs: dict[Any, Callable[[], tuple[float, list[list[int]]]]], repeats: int
-                ) -> tuple[dict[Any, float], dict[Any, list[list[int]]]]:
-    """Median time per setting, running one of each in turn so that background load hits all of them alike."""
-    times: dict[Any, list[float]] = {k: [] for k in runs}
-    outs: dict[Any, list[list[int]]] = {}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            t, outs[k] = run()
-            times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}, outs
+def child_transformers(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype)).eval()
+    x = torch.tensor(json.loads(a.prompts))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def run(n: int) -> list[list[int]]:
+        with torch.inference_mode():
+            seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=pad)
+        return seq[:, x.shape[1]:].tolist()
+
+    t0 = time.perf_counter()
+    run(4)
+    warm = time.perf_counter() - t0
+    tokens = run(NEW_TOKENS)
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        run(NEW_TOKENS)
+        times.append(time.perf_counter() - t)
+    return {"tokens": tokens, "times": times, "warmup_s": warm}
 
 
-def bench_vs_transformers(name: str, args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
-    cfg = ModelConfig.from_preset("small", **CONFIGS[name])
-    torch.manual_seed(0)
-    model = build(cfg).eval()
-    dtype = getattr(torch, args.dtype)
-    hf = load_hf(model).to(dtype)
-    model.to(dtype)
-    N = args.new_tokens
-    print(f"\n== {name}: {model.num_params() / 1e6:.1f}M params; {N} new tokens, greedy, {args.dtype} "
-          f"(transformers: attn={hf.config._attn_implementation}, experts={hf.config._experts_implementation})")
-    result: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in CONFIGS[name]}, "runs": []}
-    cases = [(args.prompt_len, B) for B in args.batches]
-    if name == "small" and args.long_prompt:  # the absorbed-MLA cache reads 8x fewer bytes per cached token
-        cases += [(args.long_prompt, B) for B in args.batches]
-    for P, B in cases:
-        prompts = torch.randint(3, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).tolist()
-        params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
-        x = torch.tensor(prompts)
-        hf_decode(hf, x, 4, timer.clock)  # warm-up
-        runs = {"transformers": partial(hf_decode, hf, x, N, timer.clock)}
-        if not args.compiled_only:
-            engine = Engine(model, max_batch=B, max_model_len=P + N)
-            nanoseek_decode(engine, prompts, replace(params, max_tokens=4), timer.clock)  # warm-up
-            runs["nanoseek"] = partial(nanoseek_decode, engine, prompts, params, timer.clock)
-        if args.compile:  # Engine(compile=True): one frozen static-shape graph per batch bucket, compiled here
-            compiled = Engine(model, max_batch=B, max_model_len=P + N, compile=True)
-            t0 = time.perf_counter()
-            nanoseek_decode(compiled, prompts, replace(params, max_tokens=4), timer.clock)
-            print(f"   (compiled prompt {P}, batch {B} in {time.perf_counter() - t0:.0f} s)", flush=True)
-            runs["nanoseek compiled"] = partial(nanoseek_decode, compiled, prompts, params, timer.clock)
-        med, outs = round_robin(runs, args.repeats)
-        tps = {k: B * (N - 1) / v for k, v in med.items()}
-        print(f"   prompt {P:>4}, batch {B:>2}: transformers {tps['transformers']:6.0f} tok/s "
-              f"({1e3 * med['transformers'] / (N - 1):5.1f} ms/step)")
-        row: dict[str, Any] = {"prompt": P, "batch": B, "tok_s": tps,
-                               "ms_per_step": {k: 1e3 * v / (N - 1) for k, v in med.items()}}
-        for k in [k for k in runs if k != "transformers"]:
-            # identical greedy outputs are expected in fp32; in bf16 the two implementations round differently
-            # and a random model's near-tied logits make tokens diverge
-            same = sum(a == b for a, b in zip(outs[k], outs["transformers"]))
-            row[f"ratio {k}"] = tps[k] / tps["transformers"]
-            row[f"identical {k}"] = same
-            print(f"      {k:17s} {tps[k]:6.0f} tok/s ({1e3 * med[k] / (N - 1):5.1f} ms/step) | ratio "
-                  f"{tps[k] / tps['transformers']:.2f}x | identical greedy outputs {same}/{B}")
-        result["runs"].append(row)
-    return result
+def child_llama(a: argparse.Namespace) -> dict[str, Any]:
+    import llama_cpp  # the bench venv: no torch, no nanoseek
+
+    prompts = json.loads(a.prompts)
+    if len(prompts) != 1:
+        raise SystemExit("llama.cpp's high-level API decodes one sequence: batch 1 only")
+    t0 = time.perf_counter()
+    # the KV cache in the weights' precision, as nanoseek's (llama.cpp's default is f16: with it, a random
+    # model's near-tied greedy tokens drifted apart after ~80 tokens)
+    kv = {"float32": 0, "bfloat16": 30}.get(a.dtype, 1)  # ggml_type: F32 = 0, F16 = 1, BF16 = 30
+    llm = llama_cpp.Llama(model_path=a.model_dir, n_ctx=PROMPT_LEN + NEW_TOKENS + 8, n_threads=a.threads,
+                          n_threads_batch=a.threads, n_batch=PROMPT_LEN, type_k=kv, type_v=kv, verbose=False)
+
+    def run(n: int) -> list[int]:
+        out: list[int] = []
+        for tok in llm.generate(prompts[0], temp=0.0, top_k=1, reset=True):
+            out.append(tok)
+            if len(out) == n:
+                break
+        return out
+
+    run(4)
+    warm = time.perf_counter() - t0
+    tokens = [run(NEW_TOKENS)]
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        run(NEW_TOKENS)
+        times.append(time.perf_counter() - t)
+    return {"tokens": tokens, "times": times, "warmup_s": warm,
+            "tokenize": llm.tokenize(a.text.encode(), add_bos=True, special=False) if a.text else None}
 
 
-# ---- MTP speculative decoding on a briefly trained model ----------------------------------------------------------
+def child_membw(a: argparse.Namespace) -> dict[str, Any]:
+    """Read bandwidth: two threads summing a 2 GiB bf16 tensor (the best of 5), as a decode step reads weights."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    x = torch.ones(2**30, dtype=torch.bfloat16)
+    x.sum()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        best = max(best, 2**31 / (time.perf_counter() - t) / 1e9)
+    return {"read_GBps": best}
 
 
-def synthetic_batch(succ: torch.Tensor, B: int, T: int, noise: float, g: torch.Generator) -> torch.Tensor:
-    """Token t+1 = succ[t] (a fixed random map), or a uniformly random token with probability `noise`."""
-    V = succ.numel()
-    x = torch.empty(B, T, dtype=torch.long)
-    x[:, 0] = torch.randint(3, V, (B,), generator=g)
-    for t in range(1, T):
-        rnd = torch.rand(B, generator=g) < noise
-        x[:, t] = torch.where(rnd, torch.randint(3, V, (B,), generator=g), succ[x[:, t - 1]])
-    return x
+CHILDREN = {"nanoseek": child_nanoseek, "transformers": child_transformers, "llama": child_llama,
+            "membw": child_membw}
 
 
-def train_mtp_model(preset: str, steps: int) -> tuple[Transformer, torch.Tensor, dict[str, Any]]:
-    torch.manual_seed(0)
-    model = build(preset)
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    succ = torch.cat([torch.arange(3), torch.randperm(V - 3, generator=g) + 3])  # specials map to themselves
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    t = time.perf_counter()
-    out: dict[str, torch.Tensor] = {}
-    for _ in range(steps):
-        x = synthetic_batch(succ, 16, 65, 0.2, g)
-        out = model.loss(x[:, :-1], x[:, 1:], mtp_lambda=1.0)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    info = {"preset": preset, "steps": steps, "main_loss": out["main"].item(), "mtp_loss": out["mtp"].item(),
-            "train_s": time.perf_counter() - t}
-    print(f"\n== MTP speculative decoding: `{preset}` preset trained {steps} steps on the synthetic successor language "
-          f"({info['train_s']:.0f}s): main loss {info['main_loss']:.2f}, MTP loss {info['mtp_loss']:.2f} "
-          f"(20% noise: the floor is ~{-(0.8 * torch.tensor(0.8).log() + 0.2 * torch.tensor(0.2 / V).log()):.2f})")
-    return model.eval(), succ, info
+def spawn(python: str, engine: str, **kw: Any) -> dict[str, Any]:
+    cmd = [python, str(Path(__file__).resolve()), "--child", engine]
+    for k, v in kw.items():
+        if isinstance(v, bool):
+            cmd += [f"--{k.replace('_', '-')}"] if v else []
+        elif v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{engine} child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def fresh_stats_decode(engine: Engine, prompts: list[list[int]], params: SamplingParams,
-                       clock: Callable[[], float]) -> tuple[float, list[list[int]]]:
-    engine.stats = EngineStats()  # acceptance of the last run only
-    return nanoseek_decode(engine, prompts, params, clock)
+# ---- preparation: model directories and GGUF files ------------------------------------------------------------
 
 
-def bench_speculative(args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
-    model, succ, info = train_mtp_model(args.spec_preset, args.train_steps)
-    hf = load_hf(model)  # transformers runs the same main model (it has no MTP: the module's weights are dropped)
-    P, N = args.prompt_len, args.new_tokens
-    result: dict[str, Any] = {"training": info, "runs": []}
-    for label, temperature in (("greedy", 0.0), ("sampled T=1", 1.0)):
+def prepare(name: str, out: Path, file_types: tuple[str, ...]) -> dict[str, Any]:
+    """A random model (seed 0) of config `name` with a trained tokenizer, its GGUF exports, and its per-token
+    weight bytes at batch 1. Reused when already there."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from nanoseek import ModelConfig, build, save_pretrained
+    from nanoseek.export import export_gguf
+
+    kw = dict(CONFIGS[name])
+    cfg = ModelConfig.from_preset(kw.pop("preset"), **kw)
+    d = out / name
+    tok = out / "tokenizer"
+    if not (tok / "tokenizer.json").is_file():
+        from nanoseek.data import train_tokenizer
+        from nanoseek.synthetic import generate, to_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "corpus.txt").write_text("\n\n".join(to_text(it) for it in generate("arithmetic", 2000, seed=1)))
+        train_tokenizer([out / "corpus.txt"], 1024, tok)
+    big = cfg.hidden_size >= 1024
+    if not (d / "config.json").is_file():
+        torch.manual_seed(0)
+        if big:  # 2.2B parameters: allocate and initialise in bf16 directly (an fp32 copy would be 9 GB)
+            from nanoseek.model import rope_frequencies
+
+            model = build(cfg, device="meta").to(torch.bfloat16).to_empty(device="cpu")
+            model.init_weights()
+            model.rotary.inv_freq.copy_(rope_frequencies(cfg)[0])  # buffers are not parameters: set them too
+            for r in model.routers():
+                r.expert_load.zero_()
+        else:
+            model = build(cfg)
+        with torch.no_grad():  # logits 8x sharper than N(0, 0.02) gives: greedy ties broken by margins well above
+            model.norm.weight.fill_(8.0)  # fp rounding, so identical tokens are a fair check between engines
+        save_pretrained(model.eval(), d, tokenizer=tok, dtype=torch.bfloat16 if big else None)
+        del model
+    for ft in file_types:
+        if not (out / f"{name}-{ft}.gguf").is_file():
+            export_gguf(d, out / f"{name}-{ft}.gguf", file_type=ft)
+    meta = build(cfg, device="meta")
+    per_expert = sum(p[0].numel() for p in (meta.layers[-1].mlp.experts.gate_proj, meta.layers[-1].mlp.experts.up_proj,
+                                             meta.layers[-1].mlp.experts.down_proj)) if cfg.has_moe else 0
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    routed_all = n_moe * cfg.n_routed_experts * per_expert
+    total = sum(p.numel() for n, p in meta.named_parameters() if not n.startswith("mtp."))
+    per_token = total - meta.embed_tokens.weight.numel() + cfg.hidden_size - routed_all \
+        + n_moe * cfg.num_experts_per_tok * per_expert
+    return {"dir": str(d), "params": total, "params_read_per_token": per_token, "vocab_size": cfg.vocab_size}
+
+
+# ---- the two regimes --------------------------------------------------------------------------------------------
+
+
+def summary(r: dict[str, Any], B: int) -> dict[str, Any]:
+    med = statistics.median(r["times"])
+    return {"tok_s": B * NEW_TOKENS / med, "s_median": med, "s_min": min(r["times"]), "s_max": max(r["times"]),
+            "warmup_s": r["warmup_s"]}
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]]) -> str:
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
+def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in args.configs:
+        info = prepare(name, out, ("f32",))
+        rows = []
         for B in args.batches:
-            g = torch.Generator().manual_seed(B)
-            prompts = synthetic_batch(succ, B, P, 0.2, g).tolist()
-            params = SamplingParams(max_tokens=N, temperature=temperature, seed=0, ignore_eos=True)
-            engines = {k: Engine(model, max_batch=B, max_model_len=P + N, num_speculative_tokens=k)
-                       for k in (0, *args.draft_tokens)}
-            for e in engines.values():  # warm-up
-                nanoseek_decode(e, prompts, replace(params, max_tokens=4), timer.clock)
-            runs: dict[Any, Callable[[], tuple[float, list[list[int]]]]] = {
-                k: partial(fresh_stats_decode, e, prompts, params, timer.clock) for k, e in engines.items()}
-            if temperature == 0:
-                runs["transformers"] = partial(hf_decode, hf, torch.tensor(prompts), N, timer.clock)
-            med, outs = round_robin(runs, args.repeats)
-            hf_note = ""
-            if temperature == 0:
-                hf_note = (f" | plain nanoseek vs transformers {med['transformers'] / med[0]:.2f}x, identical "
-                           f"{sum(a == b for a, b in zip(outs[0], outs['transformers']))}/{B}")
-            print(f"   {label}, batch {B}" + hf_note)
-            for k in args.draft_tokens:
-                s = engines[k].stats
-                speedup = med[0] / med[k]
-                same = sum(a == b for a, b in zip(outs[k], outs[0])) if temperature == 0 else None
-                vs_hf = med["transformers"] / med[k] if temperature == 0 else None
-                print(f"      k={k}: acceptance {s.acceptance_rate:5.1%}, {s.tokens_per_verify:.2f} tokens/step, "
-                      f"speedup {speedup:.2f}x over plain decoding"
-                      + (f", {vs_hf:.2f}x over transformers, identical outputs {same}/{B}" if same is not None
-                         else ""))
-                result["runs"].append({"mode": label, "batch": B, "k": k, "acceptance": s.acceptance_rate,
-                                       "tokens_per_step": s.tokens_per_verify, "speedup": speedup,
-                                       "vs_transformers": vs_hf, "identical_outputs": same})
-    # the same engine on the untrained model: the MTP guesses are noise
-    torch.manual_seed(0)
-    raw = build(args.spec_preset).eval()
-    prompts = synthetic_batch(succ, 1, P, 0.2, torch.Generator().manual_seed(1)).tolist()
-    params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
-    plain, spec = Engine(raw, max_batch=1, max_model_len=P + N), Engine(raw, max_batch=1, max_model_len=P + N,
-                                                                         num_speculative_tokens=1)
-    tp, ts = [], []
-    for _ in range(args.repeats):
-        tp.append(nanoseek_decode(plain, prompts, params, timer.clock)[0])
-        ts.append(nanoseek_decode(spec, prompts, params, timer.clock)[0])
-    speedup = statistics.median(tp) / statistics.median(ts)
-    print(f"   untrained `{args.spec_preset}`, greedy, batch 1, k=1: acceptance {spec.stats.acceptance_rate:.1%}, "
-          f"speedup {speedup:.2f}x (the cost of drafting when nothing is accepted)")
-    result["untrained"] = {"acceptance": spec.stats.acceptance_rate, "speedup": speedup}
-    return result
+            import torch
+
+            prompts = torch.randint(3, info["vocab_size"], (B, PROMPT_LEN),
+                                    generator=torch.Generator().manual_seed(B)).tolist()
+            common = {"prompts": json.dumps(prompts), "threads": args.threads, "repeats": args.repeats,
+                      "dtype": "float32"}
+            runs = {"nanoseek": spawn(sys.executable, "nanoseek", model_dir=info["dir"], **common),
+                    "transformers": spawn(sys.executable, "transformers", model_dir=info["dir"], **common)}
+            if args.eager:
+                runs["nanoseek eager"] = spawn(sys.executable, "nanoseek", model_dir=info["dir"], eager=True, **common)
+            if B == 1 and args.llama_python:
+                runs["llama.cpp"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-f32.gguf"),
+                                          text=SAMPLE_TEXT, **common)
+            row: dict[str, Any] = {"batch": B, **{k: summary(v, B) for k, v in runs.items()}}
+            if "llama.cpp" in runs:  # the GGUF's tokenizer (deepseek-v3 pre-tokenizer) against nanoseek's
+                from nanoseek.tokenizer import Tokenizer
+
+                ours = Tokenizer.load(info["dir"]).encode(SAMPLE_TEXT, add_bos=True)
+                row["llama.cpp tokenization identical"] = ours == runs["llama.cpp"]["tokenize"]
+            ref = runs["nanoseek"]["tokens"]
+            row["identical"] = {k: same_tokens(ref, v["tokens"]) for k, v in runs.items() if k != "nanoseek"}
+            for k in runs:
+                if k != "nanoseek":
+                    row[f"nanoseek / {k}"] = row["nanoseek"]["tok_s"] / row[k]["tok_s"]
+            rows.append(row)
+            print(f"{name} batch {B:>2}: " + " | ".join(
+                f"{k} {row[k]['tok_s']:.0f} tok/s ({row[k]['s_min']:.2f}-{row[k]['s_max']:.2f} s)" for k in runs)
+                + " | " + " ".join(f"x{k.split(' / ')[1]} {v:.2f}" for k, v in row.items() if " / " in k)
+                + f" | identical {row['identical']} | nanoseek warm-up {row['nanoseek']['warmup_s']:.0f} s",
+                flush=True)
+        results[name] = {"model": info, "rows": rows}
+    return results
+
+
+def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    name = "v2-lite-slice"
+    info = prepare(name, out, ("bf16", "q8_0") if args.int8 else ("bf16",))
+    import torch
+
+    prompts = torch.randint(3, 1024, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
+    common = {"prompts": json.dumps(prompts), "threads": args.threads, "repeats": args.repeats}
+    bw = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
+    runs = {"nanoseek bf16": spawn(sys.executable, "nanoseek", model_dir=info["dir"], dtype="bfloat16", **common)}
+    if args.llama_python:
+        runs["llama.cpp bf16"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-bf16.gguf"),
+                                       dtype="bfloat16", **common)
+        if args.int8:
+            runs["llama.cpp Q8_0"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-q8_0.gguf"),
+                                           dtype="bfloat16", **common)
+    bw_after = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
+    row: dict[str, Any] = {"read_GBps": [bw, bw_after], "model": info}
+    for k, r in runs.items():
+        s = summary(r, 1)
+        bytes_tok = info["params_read_per_token"] * (1 if "Q8_0" in k or "int8" in k else 2)
+        s["weights_GBps"] = bytes_tok * s["tok_s"] / 1e9
+        s["of_read_bw"] = s["weights_GBps"] / max(bw, bw_after)
+        row[k] = s
+        print(f"{k}: {s['tok_s']:.1f} tok/s ({s['s_min']:.2f}-{s['s_max']:.2f} s per 128), "
+              f"{s['weights_GBps']:.1f} GB/s of weights = {s['of_read_bw']:.0%} of the measured read bandwidth "
+              f"({bw:.1f} / {bw_after:.1f} GB/s before/after)", flush=True)
+    if "llama.cpp bf16" in runs:
+        row["nanoseek / llama.cpp bf16"] = row["nanoseek bf16"]["tok_s"] / row["llama.cpp bf16"]["tok_s"]
+        row["identical"] = same_tokens(runs["nanoseek bf16"]["tokens"], runs["llama.cpp bf16"]["tokens"])
+        print(f"nanoseek / llama.cpp (bf16): {row['nanoseek / llama.cpp bf16']:.2f}x; identical greedy tokens "
+              f"{row['identical']}", flush=True)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: small only, short outputs, few train steps")
-    ap.add_argument("--json", help="write the results to this file")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: thread CPU time is timed)")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--long-prompt", type=int, default=1024, help="also decode after a prompt this long (small)")
+    ap.add_argument("regime", nargs="?", choices=("overhead", "bandwidth"))
+    ap.add_argument("--out", default="runs/bench-decode", help="models, GGUF files and results.json")
+    ap.add_argument("--llama-python", help="a Python with llama-cpp-python (the bench extra); omit: no llama.cpp")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=120)
-    ap.add_argument("--spec-preset", default="small", help="preset trained for the MTP part (default small)")
-    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True) (compiles per batch size)")
-    ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the eager engine")
-    ap.add_argument("--skip-mtp", action="store_true", help="skip the MTP speculative-decoding part")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both sides' dtype")
-    ap.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    args = ap.parse_args()
-    if args.quick:
-        args.new_tokens, args.repeats, args.train_steps, args.spec_preset = 16, 1, 30, "tiny"
-        args.long_prompt, args.configs = 0, ["small"]
-    args.draft_tokens = (1, 2, 3)
-    torch.set_num_threads(args.threads)
-    timer = Timer()
-    import platform
-
-    import transformers
-
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-          f"{torch.get_num_threads()} thread(s); times are {timer.kind}, median of {args.repeats} round-robin runs")
-    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "timing": timer.kind}
-    for name in args.configs:
-        results[name] = bench_vs_transformers(name, args, timer)
-    if not args.skip_mtp:
-        results["speculative"] = bench_speculative(args, timer)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    ap.add_argument("--configs", nargs="+", default=["v3-320", "demo"], choices=("v3-320", "demo"))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--eager", action="store_true", help="also time nanoseek's eager engine (reference)")
+    ap.add_argument("--int8", action="store_true", help="bandwidth: also llama.cpp Q8_0 (int8 rows)")
+    # child mode (internal)
+    ap.add_argument("--child", choices=tuple(CHILDREN))
+    ap.add_argument("--model-dir")
+    ap.add_argument("--prompts")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--text", default=None)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(CHILDREN[a.child](a)))
+        return
+    if a.regime is None:
+        ap.error("give a regime: overhead | bandwidth")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(f"{a.regime}: {a.threads} threads, {a.repeats} timed runs each, load average {load[0]:.2f} at start",
+          flush=True)
+    res = overhead(a, out) if a.regime == "overhead" else bandwidth(a, out)
+    res["load_average"] = [load, os.getloadavg()]
+    res["args"] = {k: v for k, v in vars(a).items() if k not in ("child", "model_dir", "prompts", "text")}
+    path = out / f"{a.regime}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {path}; load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         device=args.device)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_gguf
+
+    out = export_gguf(args.model, args.out, file_type=args.type, tokenizer_dir=args.tokenizer)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
 def cmd_imagine(args: argparse.Namespace) -> int:
     from .imagine import run_imagine
 
@@ -472,9 +480,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--max-images", type=int, default=4,
                     help="Janus: images per /v1/images/generations request (n, at most 10; default 4)")
     sp.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP speculative decoding drafts")
-    sp.add_argument("--compile", action="store_true",
-                    help="compile the decode step at startup (a frozen graph per batch bucket; docs/inference.md)")
-    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile the decode step at startup (default: when the model is large enough for it to pay; "
+                         "weights stay live; docs/inference.md)")
+    _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--seed", type=int, default=None, help="engine seed for unseeded requests")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sp.set_defaults(func=cmd_serve)
@@ -641,12 +650,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="sampling seed")
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     sp.add_argument("--speculative", action="store_true", help="MTP speculative decoding (V3 report 5.4.3)")
-    sp.add_argument("--compile", action="store_true",
-                    help="compile the decode step: 3-5x faster per token after a one-off compile (docs/inference.md)")
-    _device_args(sp, INFER_DTYPE_HELP + "; bfloat16 + --compile: fastest decode on CPUs with AMX")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile the decode step (default: when the model is large enough for it to pay; "
+                         "docs/inference.md)")
+    _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
     sp.add_argument("--image", help="an image file: ask --prompt about it (Janus models)")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("export", help="a model + its tokenizer as one GGUF file llama.cpp runs (docs/inference.md)")
+    sp.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf: llama.cpp)")
+    sp.add_argument("--model", required=True, help="model directory (MLA + MoE)" + HUB_NOTE)
+    _revision_arg(sp)
+    sp.add_argument("--out", required=True, help="the .gguf file to write")
+    sp.add_argument("--type", choices=("f32", "bf16", "f16", "q8_0"), default="f32",
+                    help="weight type (q8_0: llama.cpp's 8-bit blocks; norms and router stay f32)")
+    sp.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("imagine", help="text-to-image with a Janus-Pro model (PNGs and a grid)",
                         description="576 image tokens per image, each from a conditional and an unconditional row "

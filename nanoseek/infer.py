@@ -10,14 +10,14 @@ docs/inference.md has the design notes and the measured numbers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
+import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,8 @@ from torch import nn
 from .model import KVCache, Transformer
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
+SPAN_BUCKET = 256  # the compiled decode step attends over 256, 512, 1024, ... cache slots
+COMPILE_FROM_PARAMS = 2_000_000  # compile=None compiles the decode step of models from this size (compile_pays)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,16 +153,94 @@ class TokenizerLike(Protocol):  # nanoseek.tokenizer.Tokenizer, or a test stand-
 # The cache: a view of some rows of a preallocated KVCache
 
 
-class _DecodeLogits(nn.Module):
-    """One decode forward, (B, 1) tokens -> (B, V) fp32 logits: the unit `Engine(compile=True)` compiles."""
+class DecodeStep(nn.Module):
+    """One decode forward over rows [0, b) of a cache, (b, 1) tokens -> (b, V) fp32 logits: the one decode path of
+    every caller (generate, serve, eval, distillation and GRPO sampling through `Engine`; Janus' image sampler with
+    its own `embed` and `head`: image-token embeddings in, image logits out).
 
-    def __init__(self, model: Transformer):
+    `run(compile=True)` runs it as one static-shape graph per bucket of rows (the caller pads b to a bucket) and of
+    attended cache slots (`span`: powers of two from SPAN_BUCKET up to the cache length). The weights are graph
+    inputs, read from the modules at every call, never constants frozen into the graph: an optimizer step or a
+    load_state_dict on the model is seen by the next decode step without recompiling.
+    """
+
+    def __init__(self, model: Transformer, embed: nn.Module | None = None, head: nn.Module | None = None,
+                 compile: bool = False):
         super().__init__()
         self.model = model
+        self.embed = embed if embed is not None else model.embed_tokens
+        self.head = head if head is not None else model.lm_head
+        self.compiled = compile
+        device = next(model.parameters()).device
+        # cpp_wrapper: the graph's kernels are called from generated C++ rather than Python (a decode step is a few
+        # hundred small kernels). Held in a list: an attribute would register the wrapper as a submodule (a cycle)
+        self._graph = [torch.compile(self, dynamic=False, options={"cpp_wrapper": device.type == "cpu"})] \
+            if compile else []
+        self._warm: set[tuple[int, int]] = set()  # (rows, span) buckets compiled so far
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: CacheRows) -> torch.Tensor:
-        h, _ = self.model.trunk(tokens, position_ids=pos, cache=rows)
-        return self.model.lm_head(h[:, 0]).float()
+        h, _ = self.model.trunk(None, inputs_embeds=self.embed(tokens), position_ids=pos, cache=rows)
+        return self.head(h[:, 0]).float()
+
+    def run(self, tokens: torch.Tensor, cache: KVCache, need: int) -> torch.Tensor:
+        """Feed tokens (b, 1) to rows [0, b) of `cache` (each at its own next slot); `need`: the most slots any row
+        holds after this step. Returns (b, V) fp32 logits."""
+        b = tokens.shape[0]
+        pos = cache.valid[:b].sum(dim=1, keepdim=True)  # RoPE position: real tokens so far (left padding: Janus)
+        if not self._graph:
+            return self(tokens, pos, CacheRows(cache, 0, b))
+        span = min(cache.max_len, max(SPAN_BUCKET, 1 << (need - 1).bit_length()))
+        # one Dynamo cache entry per (rows, span) bucket of the same code: raise its per-code limit (default 8). Once
+        # a bucket is compiled its guards are not evaluated again on every call (0.3-0.4 ms per step on a CPU, most
+        # of it checking each parameter): the bucket's shapes still pick the graph; the caller keeps the model's
+        # dtype and device fixed
+        warm = (b, span) in self._warm
+        with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096), \
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=warm), \
+                (contextlib.nullcontext() if warm else _gemv_as_reductions(b)):
+            out = self._graph[0](tokens, pos, CacheRows(cache, 0, b, span=span))
+        self._warm.add((b, span))
+        return out
+
+
+def compile_pays(model: nn.Module) -> bool:
+    """What `Engine(compile=None)` decides: compile the decode step for models of at least COMPILE_FROM_PARAMS
+    parameters on a CPU or CUDA device. Below, the one-off compilation (seconds from a warm cache, tens of seconds
+    cold) is not repaid by the few decode steps small models are asked for (the test models: ~1M parameters)."""
+    param = next(model.parameters())
+    return param.device.type in ("cpu", "cuda") and sum(p.numel() for p in model.parameters()) >= COMPILE_FROM_PARAMS
+
+
+DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
+
+
+@contextlib.contextmanager
+def _gemv_as_reductions(rows: int) -> Iterator[None]:
+    """While a decode bucket of `rows` rows compiles: let Inductor write its matrix-vector products as its own
+    reduction kernels (`sum(x[:, :, None] * W.T, -2)`, its `decompose_mm_pass`) instead of calling the BLAS.
+
+    A decode step streams the weights once, from memory: cold-cache fp32 matrix-vector products through MKL ran at
+    7.9 GB/s here, Inductor's generated reductions at 16.7 GB/s (a plain `sum` of the same bytes: 20 GB/s), and
+    the step time halved (docs/inference.md). The pass ships with Inductor for memory-bound CPU matmuls but only
+    for 1 x 2048-sized ones (module constants read at import): the limits are raised while this bucket compiles.
+    """
+    if rows > DECOMPOSE_ROWS:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_module
+
+    limits = {"cpu_max_first_dimension_decomposition": DECOMPOSE_ROWS,
+              "cpu_max_other_dimension_decomposition": 1 << 40}
+    saved = {k: getattr(pass_module, k) for k in limits}
+    try:
+        for k, v in limits.items():
+            setattr(pass_module, k, v)
+        with inductor_config.patch(post_grad_fusion_options={"decompose_mm_pass": dict(limits)}):
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(pass_module, k, v)
 
 
 class CacheRows:
@@ -172,9 +252,10 @@ class CacheRows:
     their state. Attention reads `c_kv[layer, start:stop, :end]`: a view, no copy.
     """
 
-    def __init__(self, parent: KVCache, start: int, stop: int, absorb_upto: int = 1):
+    def __init__(self, parent: KVCache, start: int, stop: int, absorb_upto: int = 1, span: int | None = None):
         self.parent, self.rows, self.batch_size = parent, slice(start, stop), stop - start
         self.absorb_upto = absorb_upto
+        self.span = span or parent.max_len  # compiled: the slots attention reads (a static bucket >= every length)
         self._slots: torch.Tensor | None = None
         self._end = 0
 
@@ -199,8 +280,8 @@ class CacheRows:
 
     def begin(self, T: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         lengths = self.lengths
-        if torch.compiler.is_compiling():  # static shapes: attend over the whole buffer, masked (no host sync);
-            end = self.parent.max_len      # the engine admits only requests that fit
+        if torch.compiler.is_compiling():  # static shapes: attend over `span` slots, masked (no host sync); the
+            end = self.span                # engine picks a span bucket that holds every row's slots
         else:
             end = int(lengths.max()) + T
             if end > self.parent.max_len:
@@ -525,15 +606,17 @@ class Engine:
     Not batch-invariant: a request's tokens can differ by rounding when it shares the batch with others (other
     matmul shapes); seeded sampling is reproducible for the same request run alone.
 
-    compile=True compiles the plain decode forward (prefill and speculative steps stay eager) into one static graph
-    per power-of-two bucket of running rows (1, 2, 4, ..., max_batch; `warmup()` compiles them all up front). On a
-    CPU the weights are frozen into the graph: the engine no longer sees later changes to the model's weights (the
-    RL trainer's rollout engine therefore stays eager), and the prepacked copies add one model's worth of memory.
+    compile=True compiles the plain decode forward (`DecodeStep`; prefill and speculative steps stay eager) into
+    one static-shape graph per bucket of running rows (powers of two up to max_batch) and of attended cache slots
+    (powers of two from 256 up to the cache length). The weights are graph inputs, not constants: the engine keeps
+    seeing the model's current weights (an optimizer step, a load_state_dict), so one engine serves a training
+    loop's rollouts. compile=None (the default) compiles when the model is large enough for it to pay
+    (`compile_pays`); `warmup()` compiles the buckets up front. docs/inference.md, "The fast decode path".
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None, *, max_batch: int = 16,
                  max_model_len: int | None = None, dtype: torch.dtype | None = None,
-                 num_speculative_tokens: int = 0, seed: int | None = None, compile: bool = False):
+                 num_speculative_tokens: int = 0, seed: int | None = None, compile: bool | None = None):
         cfg = model.config
         if dtype is not None:
             model.to(dtype)  # in place: nn.Module.to
@@ -582,22 +665,8 @@ class Engine:
         self._ids = itertools.count()
         self._st: tuple[tuple[str, ...], SamplingTensors] | None = None
         self.stats = EngineStats()
-        # compile: the decode forward as one static-shape graph per batch-size bucket (compiled on first use). On a
-        # CPU the weights are frozen into the graph so that Inductor's GEMM templates can prepack them (AMX for
-        # bf16) and autotune each shape: ~10x faster bf16 GEMMs at decode sizes than eager oneDNN calls, but
-        # minutes of compilation per bucket, and later changes to the model's weights are not seen (docs/inference.md)
-        self.compiled = compile
-        self._decode_logits: nn.Module = _DecodeLogits(model)
-        self._inductor_config: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-        if compile:
-            self._decode_logits = torch.compile(self._decode_logits, dynamic=False)
-            if self.device.type == "cpu":  # set around each call: compilation happens inside the first one, and
-                # `freezing` is read outside the scope of torch.compile(options=...)
-                import torch._inductor.config as inductor_config
-
-                self._inductor_config = functools.partial(
-                    inductor_config.patch, freezing=True, max_autotune=True,
-                    max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True)
+        self.compiled = compile_pays(model) if compile is None else compile
+        self._step = DecodeStep(model, compile=self.compiled)
 
     # ---- public API -------------------------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None,
@@ -649,8 +718,9 @@ class Engine:
             self._aborts.add(request_id)
 
     def warmup(self) -> list[int]:
-        """Compile the decode step for every batch bucket now (minutes on a CPU) rather than on first use; call
-        before adding requests. Returns the bucket sizes (nothing to do without compile=True)."""
+        """Compile the decode step for every batch bucket now (seconds from a warm compile cache, ~10-30 s per
+        bucket cold on a CPU) rather than on first use; call before adding requests. Longer contexts than the
+        first span bucket compile when they first occur. Returns the batch buckets (none without compile)."""
         if not self.compiled:
             return []
         if self.rows or self.has_work():
@@ -658,9 +728,7 @@ class Engine:
         buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
         with torch.inference_mode():
             for b in buckets:
-                with self._inductor_config():
-                    self._decode_logits(self._last[:b, None], self.cache.lengths[:b, None].clone(),
-                                        CacheRows(self.cache, 0, b))
+                self._step.run(self._last[:b, None], self.cache, 1)
                 self.cache.reset_rows(list(range(b)))
         return buckets
 
@@ -901,10 +969,8 @@ class Engine:
         # compiled: run a power-of-two bucket of rows (free rows as padding, reset after) so that a batch that
         # shrinks or grows reuses a few graphs instead of compiling one per size
         b = min(1 << (n - 1).bit_length(), self.max_batch) if self.compiled else n
-        rows = CacheRows(self.cache, 0, b)
-        pos = self.cache.lengths[:b, None].clone()
-        with self._inductor_config():
-            logits = self._decode_logits(self._last[:b, None], pos, rows)[:n]
+        need = max(len(r.prompt) + len(r.output) for r in self.rows[:n])  # slots after this step: host-side count
+        logits = self._step.run(self._last[:b, None], self.cache, need)[:n]
         if b > n:
             self.cache.reset_rows(list(range(n, b)))
         st = self._batch_params(n)
@@ -1012,7 +1078,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
 def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                  max_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, speculative: int = 0, chat: bool = False,
-                 ignore_eos: bool = False, compile: bool = False, dtype: str = "auto",
+                 ignore_eos: bool = False, compile: bool | None = None, dtype: str = "auto",
                  device: str | None = None) -> int:
     """`nanoseek generate`: load an HF-format directory (and its tokenizer, if any), stream the completion to
     stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr. device None: the default

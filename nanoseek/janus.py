@@ -531,13 +531,28 @@ def _check_sampling(cfg_weight: float, temperature: float) -> None:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
+class _ImageTokenEmbed(nn.Module):
+    """(B, 1) image-token ids -> (B, 1, D) trunk inputs: the decode step's embedding for image generation."""
+
+    def __init__(self, model: Janus):
+        super().__init__()
+        self.generation_embeddings, self.generation_aligner = model.generation_embeddings, model.generation_aligner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.generation_aligner(self.generation_embeddings(ids))
+
+
 @torch.inference_mode()
 def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg_weight: float = 5.0,
                           temperature: float = 1.0, seed: int | None = None, num_tokens: int | None = None,
-                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                          progress: Callable[[int, int], None] | None = None,
+                          compile: bool | None = None) -> torch.Tensor:
     """Sample image tokens (B, num_tokens) for B prompts (each ending with <begin_of_image>), two rows per image
-    through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token.
-    Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
+    through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token,
+    on the engine's decode path (`infer.DecodeStep`: compiled when `compile`, None = when it pays for the model's
+    size). Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
+    from .infer import DecodeStep, compile_pays
+
     _check_sampling(cfg_weight, temperature)
     cfg, lm = model.config, model.language_model
     N = num_tokens or cfg.num_image_tokens
@@ -551,13 +566,16 @@ def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg
     cache = KVCache(cfg.text, 2 * B, T + N, param.device, param.dtype)
     am = None if bool(mask.all()) else mask
     h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
+    step = DecodeStep(lm, _ImageTokenEmbed(model), model.generation_head,
+                      compile=compile_pays(lm) if compile is None else compile)
+    logits = model.generation_head(h[:, -1]).float()
     out = torch.zeros(B, N, dtype=torch.long, device=param.device)
     for i in range(N):
-        out[:, i] = tok = _next_tokens(model.generation_head(h[:, -1]), B, cfg_weight, temperature, g)
+        out[:, i] = tok = _next_tokens(logits, B, cfg_weight, temperature, g)
         if progress is not None:
             progress(i + 1, N)
         if i + 1 < N:
-            h, _ = lm.trunk(None, inputs_embeds=model.embed_image_tokens(tok.repeat(2))[:, None], cache=cache)
+            logits = step.run(tok.repeat(2)[:, None], cache, T + i + 1)
     return out
 
 

@@ -633,9 +633,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            if not torch.is_grad_enabled():  # Engine(compile=True): static shapes
-                E = self.gate_proj.shape[0]
-                return self._dense(x, idx, w) if idx.numel() >= E else self._gathered(x, idx, w)
+            if not torch.is_grad_enabled():  # the engine's compiled decode step (live weights, static shapes)
+                return self._gathered(x, idx, w)
             # a compiled training step: the sort-based dispatch runs eagerly between two graphs (its shapes depend
             # on the routing, and the fake-tensor kernel of _grouped_mm rejects fp32)
             return self._dispatch_eager(x, idx, w)
@@ -668,27 +667,24 @@ class Experts(nn.Module):
     _dispatch_eager = torch.compiler.disable(_dispatch)
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The selected experts' weights gathered per (token, slot) pair and one `bmm` per projection: no
-        data-dependent shape (argsort/bincount/per-expert counts), so a compiled decode step stays one graph.
-        Copies N*K expert matrices, so it is meant for decode-sized N (benchmarks/static_decode.py)."""
+        """The routed experts without a data-dependent shape, for the compiled decode step: token-expert pairs sorted
+        by expert, and each pair's three matrix-vector products written as broadcast products and sums over its
+        expert's weights, `(W[e] * x).sum(-1)`. Inductor fuses the expert index into the loads of one reduction
+        kernel per projection, so nothing is copied (a gathered `bmm` copied N*K expert matrices), and since
+        consecutive pairs share an expert its weights are re-read from cache: memory traffic is that of the distinct
+        experts, as a grouped GEMM's, without a kernel call per expert (docs/inference.md). Eagerly it would
+        materialise the products: only for compiled inference."""
         N, K = idx.shape
-        f = idx.flatten()
-        xs = x.repeat_interleave(K, 0)[:, :, None]  # (N*K, D, 1)
-        h = F.silu(torch.bmm(self.gate_proj[f].to(x.dtype), xs)) * torch.bmm(self.up_proj[f].to(x.dtype), xs)
-        y = torch.bmm(self.down_proj[f].to(x.dtype), h).squeeze(-1)  # (N*K, D)
-        return (y * w.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1)
-
-    def _dense(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, the unselected ones weighted 0: two GEMMs per layer over the experts'
-        weights seen as one (E*I, D) and one (D, E*I) matrix. Once N*K >= E a decode step reads nearly every expert
-        anyway (batch 16, top-4 of 32: ~28 of 32), so the extra FLOPs cost little, and with constant weights
-        Inductor's frozen CPU GEMM templates stream them at memory speed (benchmarks/decode.py --compile)."""
-        N, K = idx.shape
-        E, I, D = self.gate_proj.shape
-        gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, idx, w.to(x.dtype))
-        gu = F.linear(x, torch.cat([self.gate_proj, self.up_proj], dim=1).view(2 * E * I, D)).view(N, E, 2, I)
-        h = (F.silu(gu[:, :, 0]) * gu[:, :, 1] * gates[:, :, None]).view(N, E * I)
-        return F.linear(h, self.down_proj.permute(1, 0, 2).reshape(D, E * I))
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        e, token = flat[order], order // K  # (N*K,) pairs sorted by expert
+        dt = x.dtype
+        xs = x[token]  # (N*K, D)
+        g = (self.gate_proj[e].to(dt) * xs[:, None, :]).sum(-1)  # (N*K, I)
+        u = (self.up_proj[e].to(dt) * xs[:, None, :]).sum(-1)
+        h = F.silu(g) * u * w.flatten()[order, None].to(dt)  # gate weight before the down projection (linear)
+        y = (self.down_proj[e].to(dt) * h[:, None, :]).sum(-1)  # (N*K, D)
+        return torch.zeros_like(x).index_add_(0, token, y)
 
     @staticmethod
     def _padded(xs: torch.Tensor, ws: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor,

@@ -1051,7 +1051,8 @@ class ServeConfig:
     num_speculative_tokens: int = 0
     seed: int | None = None
     log_level: str = "info"
-    compile: bool = False  # Engine(compile=True): a compiled decode step per batch bucket, compiled at startup
+    compile: bool | None = None  # the engine's compiled decode step (None: when the model is large enough for it to
+    # pay, infer.compile_pays); its batch buckets are compiled at startup
     dtype: str = "auto"  # weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | bfloat16 | float16
     device: str | None = None  # None: nanoseek.device.default_device() (CUDA if available, else CPU)
 
@@ -1708,7 +1709,7 @@ def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     server = Server.from_config(cfg)
-    if cfg.compile:  # before accepting requests: compiling a bucket takes about a minute on a CPU
+    if server.engine.compiled:  # before accepting requests: seconds per bucket from a warm cache, more when cold
         t0 = time.perf_counter()
         buckets = server.engine.warmup()
         log.info("compiled the decode step for batch sizes %s in %.0f s", buckets, time.perf_counter() - t0)

@@ -420,10 +420,10 @@ def test_cli_generate_with_prompt_ids(model, ref, tmp_path, capsys):
 
 
 def test_compiled_decode_step_matches_eager_as_the_batch_shrinks(model, ref):
-    # Engine(compile=True): a frozen static-shape decode graph per power-of-two bucket of rows. warmup() compiles
-    # the buckets (1, 2, 4) up front; then 4 rows finishing at different lengths run as 4 -> 4 (3 rows + 1 padding
-    # row) -> 2 -> 1 with no further compilation. Bucket 4 routes 4 x top-2 = 8 >= 8 experts: the dense expert
-    # path; buckets 1-2 the gathered one. Greedy outputs must equal each prompt run alone (fp32).
+    # Engine(compile=True): a static-shape decode graph (weights as inputs) per power-of-two bucket of rows.
+    # warmup() compiles the buckets (1, 2, 4) up front; then 4 rows finishing at different lengths run as 4 -> 4
+    # (3 rows + 1 padding row) -> 2 -> 1 with no further compilation. Greedy outputs must equal each prompt run alone
+    # (fp32).
     from torch._dynamo.utils import counters
 
     engine = Engine(model, max_batch=4, max_model_len=64, compile=True)
@@ -439,9 +439,9 @@ def test_compiled_decode_step_matches_eager_as_the_batch_shrinks(model, ref):
 
 
 def test_compiled_bf16_decode_stays_close_to_fp32(model):
-    # the fast configuration (bf16 weights and cache, frozen compiled graph, dense experts at bucket 4): each
-    # decoded token's log-prob must match the fp32 model's on the same text (teacher-forced, no cache) up to bf16
-    # rounding, and be (nearly) the fp32 argmax
+    # bf16 weights and cache through the compiled graph (gathered experts, matrix-vector products as Inductor
+    # reductions at bucket 1): each decoded token's log-prob must match the fp32 model's on the same text
+    # (teacher-forced, no cache) up to bf16 rounding, and be (nearly) the fp32 argmax
     import copy
 
     bf16 = Engine(copy.deepcopy(model), max_batch=4, max_model_len=64, compile=True, dtype=torch.bfloat16)
