@@ -263,19 +263,7 @@ def load_janus(path: str | Path, device: torch.device | str | None = None, dtype
     from .device import resolve_device
 
     device = resolve_device(device)
-    path = Path(path)
-    cfg, layout = janus_config(path)
-    hf = read_hf_state_dict(path, dtype)
-    if layout == "original":
-        hf = original_to_hf_state_dict(hf)
-    embed, head = hf.get("model.language_model.embed_tokens.weight"), hf.get("lm_head.weight")
-    if cfg.text.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
-        # transformers' rule: a config that says "tied" but a checkpoint with a different head means untied
-        # (Janus-Pro's head is its own; JanusConfig defaults to tied)
-        cfg = replace(cfg, text=replace(cfg.text, tie_word_embeddings=False))
-    if cfg.text.tie_word_embeddings:
-        hf.pop("lm_head.weight", None)
-    sd, unexpected = from_hf_state_dict(cfg, hf)
+    cfg, sd, unexpected, layout = _read_janus(Path(path), dtype)
     if dtype is None:
         dtype = dominant_dtype(sd)
     with torch.device("meta"):
@@ -288,6 +276,33 @@ def load_janus(path: str | Path, device: torch.device | str | None = None, dtype
     model.to(device)
     _copy_state(model, sd, unexpected, layout)
     return model.to(dtype).eval()
+
+
+def _read_janus(path: Path, dtype: torch.dtype | None
+                ) -> tuple[JanusConfig, dict[str, torch.Tensor], list[str], str]:
+    """(config, nanoseek state dict, unexpected keys, layout) of a Janus directory."""
+    cfg, layout = janus_config(path)
+    hf = read_hf_state_dict(path, dtype)
+    if layout == "original":
+        hf = original_to_hf_state_dict(hf)
+    embed, head = hf.get("model.language_model.embed_tokens.weight"), hf.get("lm_head.weight")
+    if cfg.text.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # transformers' rule: a config that says "tied" but a checkpoint with a different head means untied
+        # (Janus-Pro's head is its own; JanusConfig defaults to tied)
+        cfg = replace(cfg, text=replace(cfg.text, tie_word_embeddings=False))
+    if cfg.text.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)
+    sd, unexpected = from_hf_state_dict(cfg, hf)
+    return cfg, sd, unexpected, layout
+
+
+def load_janus_weights(model: Janus, path: str | Path) -> None:
+    """Copy a Janus directory's weights into `model` in place (nanoseek.checkpoint's resume), after checking the
+    directory was saved from the same config."""
+    cfg, sd, unexpected, layout = _read_janus(Path(path), None)
+    if cfg != model.config:
+        raise ValueError(f"{path} was saved from a different Janus config than the model's")
+    _copy_state(model, sd, unexpected, layout)
 
 
 def _hf_name(key: str) -> str:

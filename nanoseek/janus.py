@@ -132,7 +132,35 @@ def _tiny_text() -> ModelConfig:
                                    pad_token_id=3)
 
 
+def _mini_text() -> ModelConfig:
+    """The mini Janus' LLM: nanoseek's DeepSeek-V3 block (MLA + DeepSeekMoE with a shared expert, sigmoid routing
+    with the aux-loss-free bias) at the demo base's widths (docs/demo.md). No MTP module: transformers' Janus builds
+    a DeepseekV3Model, which has none (tests/test_janus.py::test_parity_with_a_deepseek_v3_trunk). Untied head, as
+    Janus-Pro. The special-token ids are the world tokenizer's (nanoseek.janus_train.world_tokenizer)."""
+    return ModelConfig.from_preset(
+        "tiny", vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, num_nextn_predict_layers=0, max_position_embeddings=256,
+        rope_scaling=None, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _mini() -> JanusConfig:
+    # 32 x 32 images of the shapes world (nanoseek.shapes): an 8 x 8 grid for both paths, as transformers' Janus
+    # requires (ViT patches of 4 px; a VQ with 2 downsamplings, `nanoseek janus train-vq`, whose own config wins)
+    text = _mini_text()
+    D = text.hidden_size
+    return JanusConfig(
+        text=text,
+        vision=VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4,
+                            projection_dim=D, num_image_tokens=64),
+        vq=VQConfig(embed_dim=8, num_embeddings=512, latent_channels=64, base_channels=32,
+                    channel_multiplier=(1, 1, 2), num_res_blocks=1, projection_dim=D, image_token_embed_dim=D),
+        image_token_id=509, boi_token_id=510, eoi_token_id=511, pad_token_id=2)
+
+
 JANUS_PRESETS: dict[str, Callable[[], JanusConfig]] = {
+    # the mini Janus trained from scratch on a CPU (`nanoseek janus train`, docs/janus.md "Mini Janus")
+    "janus-mini": _mini,
     # for tests: 16x16 images, 4x4 patches of 4 px, a VQ with 2 downsamplings, 16 image tokens
     "janus-tiny": lambda: JanusConfig(
         text=_tiny_text(),
@@ -153,7 +181,12 @@ def janus_preset(name: str, **text_overrides: Any) -> JanusConfig:
     if name not in JANUS_PRESETS:
         raise ValueError(f"unknown Janus preset {name!r}; available: {', '.join(JANUS_PRESETS)}")
     cfg = JANUS_PRESETS[name]()
-    return replace(cfg, text=replace(cfg.text, **text_overrides)) if text_overrides else cfg
+    if not text_overrides:
+        return cfg
+    text = replace(cfg.text, **text_overrides)
+    D = text.hidden_size  # the aligners' outputs and the generation head's input follow the LLM's width
+    return replace(cfg, text=text, vision=replace(cfg.vision, projection_dim=D),
+                   vq=replace(cfg.vq, projection_dim=D, image_token_embed_dim=D))
 
 
 # ----------------------------------------------------------------------------------------------------------------
