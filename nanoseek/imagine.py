@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .janus import Janus, JanusConfig, VisionConfig, VQConfig, generate_image_tokens
+from .janus import Janus, JanusConfig, VisionConfig, VQConfig, VQModel, generate_image_tokens
 from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, dominant_dtype, read_hf_state_dict
 from .weights import from_hf_state_dict as lm_from_hf
 from .weights import to_hf_state_dict as lm_to_hf
@@ -83,11 +83,16 @@ def janus_config_to_hf(cfg: JanusConfig) -> dict[str, Any]:
     text = config_to_hf(cfg.text)
     text.pop("architectures", None)
     vision = {**asdict(cfg.vision), "hidden_act": "gelu", "use_qk_norm": False, "model_type": "janus_vision_model"}
-    vq = {**asdict(cfg.vq), "channel_multiplier": list(cfg.vq.channel_multiplier), "hidden_act": "gelu",
-          "double_latent": False, "num_patches": cfg.vision.grid, "model_type": "janus_vqgan"}
+    vq = vq_config_to_hf(cfg.vq, cfg.vision.grid)
     return {"architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "text_config": text,
             "vision_config": vision, "vq_config": vq, "image_token_id": cfg.image_token_id,
             "tie_word_embeddings": cfg.text.tie_word_embeddings}
+
+
+def vq_config_to_hf(q: VQConfig, grid: int) -> dict[str, Any]:
+    """transformers' JanusVQVAEConfig (the `vq_config` of a Janus config.json; alone, a VQ directory's config)."""
+    return {**asdict(q), "channel_multiplier": list(q.channel_multiplier), "hidden_act": "gelu",
+            "double_latent": False, "num_patches": grid, "model_type": "janus_vqgan"}
 
 
 def janus_config_from_original(d: dict[str, Any]) -> JanusConfig:
@@ -372,6 +377,55 @@ def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = No
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def write_vq(vq: VQModel, path: str | Path) -> None:
+    """Write a VQ tokenizer alone into the existing directory `path`, in transformers' JanusVQVAE layout (config.json
+    with model_type janus_vqgan, model.safetensors with the keys of `model.vqmodel.*` without the prefix):
+    `JanusVQVAE.from_pretrained` loads it, and so does load_vq. A Janus built with this VQConfig takes the weights
+    with `model.vqmodel.load_state_dict(load_vq(path).state_dict())`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in vq.state_dict().items()}
+    cfg = {"architectures": ["JanusVQVAE"], **vq_config_to_hf(vq.config, vq.grid),
+           "torch_dtype": str(dominant_dtype(sd)).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_vq(vq: VQModel, path: str | Path) -> Path:
+    """write_vq into a temporary directory renamed into place (nanoseek.files.atomic_dir)."""
+    from .files import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        write_vq(vq, tmp)
+    return Path(path)
+
+
+def load_vq(path: str | Path, device: torch.device | str | None = None) -> VQModel:
+    """A VQ directory written by write_vq / save_vq (or transformers' JanusVQVAE.save_pretrained), in eval mode."""
+    from .device import resolve_device
+
+    path = Path(path)
+    raw = _read_json(path / "config.json")
+    if raw.get("model_type") != "janus_vqgan":
+        raise CheckpointError(f"{path / 'config.json'} is not a Janus VQ config (model_type "
+                              f"{raw.get('model_type')!r}, expected 'janus_vqgan')")
+    names = {f.name for f in fields(VQConfig)}
+    q = VQConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names})
+    with torch.device("meta"):
+        vq = VQModel(q, int(raw["num_patches"]))
+    vq = vq.to_empty(device=resolve_device(device))
+    sd = read_hf_state_dict(path)
+    own = vq.state_dict()
+    extra, missing = sorted(set(sd) - set(own)), sorted(set(own) - set(sd))
+    if extra or missing:
+        raise CheckpointError(f"{path}: " + "; ".join(
+            f"{what} tensor(s) {', '.join(ks[:5])}" + (f" and {len(ks) - 5} more" if len(ks) > 5 else "")
+            for what, ks in (("unexpected", extra), ("missing", missing)) if ks))
+    copy_checked(own, sd, str)
+    return vq.eval()
 
 
 def write_tokenizer(src: Path, dst: Path, cfg: JanusConfig) -> None:

@@ -416,6 +416,26 @@ class VQModel(nn.Module):
         z = F.normalize(self.quant_conv(self.encoder(pixels)).permute(0, 2, 3, 1), dim=-1)  # (B, h, w, C)
         return (z.flatten(1, 2) @ self.codebook().T.to(z.dtype)).argmax(-1)
 
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training pass (LlamaGen's VQModel.forward with codebook_l2_norm): pixels (B, 3, H, W) in [-1, 1] ->
+        reconstruction, token ids (as `encode`), the l2-normalised latents z (B*h*w, C, detached: dead codes
+        restart from them) and the two VQ losses of VQ-VAE (van den Oord et al. 2017, eq. 3): the codebook loss
+        ||sg[z] - e||^2 moves codes to the latents, the commitment loss ||z - sg[e]||^2 (weighted by the caller's
+        beta) keeps the encoder near its codes. The straight-through estimator copies the decoder's gradient from
+        the quantised latent to z."""
+        z = F.normalize(self.quant_conv(self.encoder(pixels)), dim=1)  # (B, C, h, w), on the sphere
+        B, C, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, C)
+        ids = (flat.detach() @ self.codebook().T.to(flat.dtype)).argmax(-1)  # cosine nearest, as encode()
+        zq = self.codebook()[ids].to(flat.dtype)
+        codebook_loss = F.mse_loss(zq, flat.detach())
+        commitment_loss = F.mse_loss(flat, zq.detach())
+        zq = flat + (zq - flat).detach()  # straight-through: forward value e, gradient of z
+        zq = zq.view(B, h, w, C).permute(0, 3, 1, 2)
+        recon = self.decoder(self.post_quant_conv(zq.to(self.post_quant_conv.weight.dtype)))
+        return {"recon": recon, "ids": ids.view(B, h * w), "z": flat.detach(), "codebook_loss": codebook_loss,
+                "commitment_loss": commitment_loss}
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """token ids (B, grid^2) -> pixels (B, 3, H, W), the decoder's raw output (about [-1, 1])."""
         if ids.dim() != 2 or ids.shape[1] != self.grid ** 2:
