@@ -222,6 +222,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import experiment, experiment_config, parse_stage_list
+    from .janus_experiment import EXPERIMENTS as JANUS_EXPERIMENTS
+
+    if args.name in JANUS_EXPERIMENTS:  # the mini Janus' findings (docs/findings/janus.md)
+        from .janus_experiment import janus_experiment_config, run_experiment
+
+        run_experiment(janus_experiment_config(args.name, args.overrides, out=args.out or f"runs/{args.name}",
+                                               fast=args.fast, seed=args.seed),
+                       skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
+        return 0
 
     experiment(experiment_config(args.overrides, out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed),
                skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
@@ -723,8 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("experiment", help="a staged experiment behind a finding (docs/findings), resumable",
                         description="distill-vs-rl: docs/findings/distill-vs-rl.md (same as `nanoseek distill "
-                                    "experiment`). Any experiment config field as key=value.")
-    sp.add_argument("name", choices=("distill-vs-rl",), help="the experiment")
+                                    "experiment`); janus-encoding, janus-cfg: docs/findings/janus.md. Any "
+                                    "experiment config field as key=value.")
+    sp.add_argument("name", choices=("distill-vs-rl", "janus-encoding", "janus-cfg"), help="the experiment")
     sp.add_argument("--out", default=None, help="output directory (default runs/NAME)")
     sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers mean nothing")
     sp.add_argument("--seed", type=int, default=0)

@@ -350,26 +350,13 @@ def processor_config(cfg: JanusConfig) -> dict[str, Any]:
 
 def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = None,
                tokenizer: str | Path | None = None) -> Path:
-    """Write transformers' JanusForConditionalGeneration layout (config.json, model.safetensors,
-    generation_config.json, preprocessor_config.json, tokenizer files when `tokenizer` is given) into a temp
-    directory and rename it into place."""
-    from safetensors.torch import save_file
-
+    """Write transformers' JanusForConditionalGeneration layout (write_janus) into a temp directory and rename it
+    into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in to_hf_state_dict(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        main_dtype = str(dominant_dtype(sd)).removeprefix("torch.")
-        hf_cfg = {**janus_config_to_hf(cfg), "torch_dtype": main_dtype}
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(processor_config(cfg), indent=2) + "\n")
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            write_tokenizer(Path(tokenizer), tmp, cfg)
+        write_janus(model, tmp, dtype=dtype, tokenizer=tokenizer)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -377,6 +364,27 @@ def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = No
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def write_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = None,
+                tokenizer: str | Path | None = None) -> None:
+    """Write a Janus into the existing directory `path` (config.json, model.safetensors, generation_config.json,
+    preprocessor_config.json, tokenizer files when `tokenizer` is given): save_janus, and a training checkpoint's
+    model part (nanoseek.checkpoint's save_model)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfg = model.config
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in to_hf_state_dict(model).items()}
+    main_dtype = str(dominant_dtype(sd)).removeprefix("torch.")
+    hf_cfg = {**janus_config_to_hf(cfg), "torch_dtype": main_dtype}
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(processor_config(cfg), indent=2) + "\n")
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        write_tokenizer(Path(tokenizer), path, cfg)
 
 
 def write_vq(vq: VQModel, path: str | Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, atomic_write_jsonl
 from .janus import Janus, generate_image_tokens
 from .stats import derive_seed, wilson
 
@@ -102,13 +102,6 @@ def _check_world(cfg: JanusEvalConfig, model: Janus | None, task: Any) -> None:
 # samplers
 
 
-def to_arrays(pixels: torch.Tensor) -> np.ndarray:
-    """Decoded pixels -> (B, S, S, 3) uint8, through imagine.to_pil: exactly the PNGs `nanoseek imagine` writes."""
-    from .imagine import to_pil
-
-    return np.stack([np.asarray(im) for im in to_pil(pixels)])
-
-
 @torch.inference_mode()
 def generate_images(model: Janus, tok: Any, prompts: Sequence[str], *, cfg_weight: float = 5.0,
                     temperature: float = 1.0, seed: int = 0, batch: int = 120,
@@ -116,13 +109,14 @@ def generate_images(model: Janus, tok: Any, prompts: Sequence[str], *, cfg_weigh
     """One image per prompt, (N, S, S, 3) uint8: batches of `batch` prompts, each batch seeded from (seed, batch
     index), so the images do not depend on anything but the arguments."""
     from .imagine import generation_prompt
+    from .minijanus import to_images
 
     out = []
     for b, s in enumerate(range(0, len(prompts), batch)):
         ids = [generation_prompt(tok, model.config, p) for p in prompts[s:s + batch]]
         tokens = generate_image_tokens(model, ids, cfg_weight=cfg_weight, temperature=temperature,
                                        seed=derive_seed(seed, "janus-images", b))
-        out.append(to_arrays(model.decode_image(tokens)))
+        out.append(to_images(model.decode_image(tokens)))
         if progress:
             progress(min(s + batch, len(prompts)))
     return np.concatenate(out)
@@ -135,7 +129,8 @@ def answer_questions(model: Janus, tok: Any, images: np.ndarray, questions: Sequ
     left-padded prompts through the KV cache, decoding until EOS or max_tokens. encoder "vq": the image enters as
     its VQ tokens (a model trained with understanding_encoder = "vq")."""
     from .imagine import understanding_prompt
-    from .janus_train import image_features, left_pad, pixels_of, understanding_embeds
+    from .janus_train import image_features, left_pad, understanding_embeds
+    from .minijanus import to_pixels
     from .model import KVCache
 
     cfg, lm = model.config, model.language_model
@@ -143,7 +138,7 @@ def answer_questions(model: Janus, tok: Any, images: np.ndarray, questions: Sequ
     eos = cfg.text.eos_token_id
     answers: list[str] = []
     for s in range(0, len(questions), batch):
-        px = pixels_of(images[s:s + batch]).to(param.device, param.dtype)
+        px = to_pixels(images[s:s + batch]).to(param.device, param.dtype)
         ids, mask = (t.to(param.device) for t in left_pad([understanding_prompt(tok, cfg, q)
                                                             for q in questions[s:s + batch]], cfg.pad_token_id))
         B, T = ids.shape
@@ -166,19 +161,6 @@ def answer_questions(model: Janus, tok: Any, images: np.ndarray, questions: Sequ
             h, _ = lm.trunk(nxt[:, None], cache=cache)
         answers += [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
     return answers
-
-
-def vq_round_trip(model: Janus, batch: int = 256) -> Callable[[np.ndarray], np.ndarray]:
-    """images (N, S, S, 3) uint8 -> the same images encoded and decoded by the model's VQ (the ceiling)."""
-    from .janus_train import pixels_of
-
-    @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        param = next(model.parameters())
-        return np.concatenate([to_arrays(model.decode_image(model.encode_image(
-            pixels_of(images[s:s + batch]).to(param.device, param.dtype)))) for s in range(0, len(images), batch)])
-
-    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +203,7 @@ def evaluate_geneval(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any 
     """The GenEval-style score of a Janus on held-out prompts of its world, with the baselines (module doc)."""
     from . import shapes
     from .eval import EvalConfig, evaluate
+    from .minijanus import vq_ceiling
     from .tasks import get_task
 
     world = world_of(cfg.model, cfg.world)
@@ -263,13 +246,20 @@ def evaluate_geneval(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any 
         per = n // len(shapes.CATEGORIES)
         result["baselines"] = {
             "shuffled_prompts": _eval_summary(sh),
-            "vq_ceiling": _shapes_summary(shapes.validate(task.world, per, cfg.seed, transform=vq_round_trip(model))),
+            "vq_ceiling": _shapes_summary(vq_ceiling(model.vqmodel, task.world, per, cfg.seed)),
             "verifier_on_ground_truth": _shapes_summary(shapes.validate(task.world, per, cfg.seed))}
     if out:
-        order = [it for c in shapes.CATEGORIES for it in [x for x in items if x["category"] == c][:8]]
-        shapes.grid([images[it["id"]] for it in order], scale=4, cols=8).save(out / "grid.png")
+        from PIL import Image
+
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for it in items:  # every image as the PNG `nanoseek imagine` would write (the report and findings show them)
+            Image.fromarray(images[it["id"]]).save(out / "images" / f"{it['id']}.png")
+        rows = {c: [x for x in items if x["category"] == c][:8] for c in shapes.CATEGORIES}
+        cols = min(len(r) for r in rows.values())
+        order = [it for r in rows.values() for it in r[:cols]]
+        shapes.grid([images[it["id"]] for it in order], scale=4, cols=cols).save(out / "grid.png")
         result["grid"] = "grid.png"
-        result["grid_prompts"] = [it["prompt"] for it in order]
+        result["grid_prompts"] = {c: [it["prompt"] for it in r[:cols]] for c, r in rows.items()}
         atomic_write_json(out / "summary.json", result)
         atomic_write(out / "summary.md", geneval_markdown(result))
     return result
@@ -322,8 +312,14 @@ def evaluate_vqa(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any = No
     if cfg.baselines:
         guess = majority_guesser(task, cfg.seed)
         kinds: dict[str, list[float]] = {}
+        rows = []
         for it in items:
-            kinds.setdefault(it["kind"], []).append(task.verify(it, guess(it)))
+            ok = task.verify(it, guess(it))
+            kinds.setdefault(it["kind"], []).append(ok)
+            rows.append({"id": it["id"], "group": it["kind"], "guess": guess(it), "answer": it["answer"], "pass1": ok})
+        if out:  # per question, as eval's items.jsonl: what paired comparisons read
+            (out / "baselines" / "majority").mkdir(parents=True, exist_ok=True)
+            atomic_write_jsonl(out / "baselines" / "majority" / "items.jsonl", rows)
         allv = [v for vs in kinds.values() for v in vs]
         result["baselines"] = {"majority_answer": {
             "kinds": {k: {"n": len(v), "pass@1": sum(v) / len(v), "ci": list(wilson(sum(v), len(v)))}

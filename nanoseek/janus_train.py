@@ -181,18 +181,14 @@ def world_tokenizer(items: Sequence[dict[str, Any]], out_dir: str | Path, vocab_
     return Tokenizer.load(out_dir)
 
 
-def load_vq(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(VQConfig, vqmodel state dict) of a trained VQ: a directory of `nanoseek janus train-vq` (a Janus directory
-    whose VQ was trained; the rest of it is not used)."""
-    from . import load
+def load_vq(path: str | Path) -> Any:
+    """The trained VQ (a VQModel): a VQ directory or a run directory of `nanoseek janus train-vq`."""
+    from .minijanus import load_vq_run
 
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"--vq {p}: not a VQ directory (no config.json; write one with `nanoseek janus train-vq`)")
-    m = load(p, device="cpu", dtype=torch.float32)
-    if not isinstance(m, Janus):
-        raise ValueError(f"--vq {p} is not a Janus/VQ directory (it holds a {type(m).__name__})")
-    return m.config.vq, {k: v.clone() for k, v in m.vqmodel.state_dict().items()}
+    if not p.is_dir():
+        raise ValueError(f"--vq {p} does not exist (write it with `nanoseek janus train-vq`)")
+    return load_vq_run(p, device="cpu")
 
 
 def model_config(cfg: JanusTrainConfig, tok: Any, vq_config: Any, image_size: int) -> JanusConfig:
@@ -212,13 +208,6 @@ def model_config(cfg: JanusTrainConfig, tok: Any, vq_config: Any, image_size: in
     return JanusConfig(text=replace(base.text, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                                     pad_token_id=tok.pad_id),
                        vision=replace(base.vision, projection_dim=D), vq=vq, pad_token_id=tok.pad_id, **ids)
-
-
-def pixels_of(images: np.ndarray) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) in [-1, 1]: imagine.preprocess with Janus' mean = std = 0.5 at the
-    model's own size (no resize, no padding), vectorised (tests check the two agree)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return (x * (1 / 255) - 0.5) / 0.5
 
 
 @torch.no_grad()
@@ -317,9 +306,10 @@ def prepare_world(items: Sequence[dict[str, Any]], images: np.ndarray, world: An
                   ) -> WorldData:
     """Tokenize every prompt, caption and question once, and the images through the frozen VQ."""
     from .imagine import generation_prompt, understanding_prompt
+    from .minijanus import to_pixels
 
     cfg = model.config
-    pixels = pixels_of(images)
+    pixels = to_pixels(images)
     gen = [(generation_prompt(tok, cfg, it["prompt"]), generation_prompt(tok, cfg, it["caption"])) for it in items]
     questions = []
     for i, it in enumerate(items):
@@ -402,11 +392,14 @@ def _load_world(path: str) -> tuple[Any, list[dict[str, Any]], np.ndarray]:
 
 def build_model(cfg: JanusTrainConfig, tok: Any, world: Any, device: torch.device) -> Janus:
     """The preset around the trained VQ (loaded and frozen), initialised from cfg.seed."""
-    vq_cfg, vq_sd = load_vq(cfg.vq)
-    mcfg = model_config(cfg, tok, vq_cfg, world.image_size)
+    vq = load_vq(cfg.vq)
+    if vq.grid * vq.config.downsample != world.image_size:
+        raise ValueError(f"the VQ encodes {vq.grid * vq.config.downsample} px images, the world's are "
+                         f"{world.image_size} px")
+    mcfg = model_config(cfg, tok, vq.config, world.image_size)
     torch.manual_seed(cfg.seed)
     model = Janus(mcfg).to(device)
-    model.vqmodel.load_state_dict(vq_sd)
+    model.vqmodel.load_state_dict(vq.state_dict())
     model.vqmodel.requires_grad_(False)  # the VQ is frozen (Janus trains the LLM around a fixed tokenizer)
     return model
 
@@ -417,6 +410,7 @@ def train_janus(cfg: JanusTrainConfig, clock: Callable[[], float] = time.perf_co
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from .device import autocast as autocast_factory
     from .device import resolve_device
+    from .imagine import load_janus_weights, write_janus
     from .metrics import progress_bar, truncate_jsonl
     from .tokenizer import Tokenizer
     from .train import (
@@ -433,8 +427,6 @@ def train_janus(cfg: JanusTrainConfig, clock: Callable[[], float] = time.perf_co
     if not cfg.vq:
         raise ValueError("no VQ: set vq = '<dir written by nanoseek janus train-vq>'")
     world, items, images = _load_world(cfg.data)
-    if not Path(cfg.vq).is_dir():
-        raise ValueError(f"--vq {cfg.vq} does not exist (write it with `nanoseek janus train-vq`)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -448,7 +440,7 @@ def train_janus(cfg: JanusTrainConfig, clock: Callable[[], float] = time.perf_co
     opts = build_optimizers(model, cfg)  # type: ignore[arg-type]  (TrainConfig's fields, by name)
     start = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opts)
+        state = load_checkpoint(ckpt, model, opts, load_model=lambda path, m: load_janus_weights(m, path))
         start = state["step"]
         saved = state.get("extra", {}).get("train_config", {})
         if cfg.fit_to_time and saved.get("fit_to_time") is False:  # the run length was already fitted: keep it
@@ -504,7 +496,8 @@ def train_janus(cfg: JanusTrainConfig, clock: Callable[[], float] = time.perf_co
             if done or over or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out, step + 1, model, opts, extra={"loss": rec["loss"],
                                                                     "train_config": dataclasses.asdict(cfg)},
-                                keep_last=cfg.keep_last, tokenizer=tok_dir)
+                                keep_last=cfg.keep_last,
+                                save_model=lambda m, d: write_janus(m, d, tokenizer=tok_dir))
             if over:
                 status = "time_budget"
                 break

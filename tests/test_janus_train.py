@@ -12,13 +12,12 @@ import torch
 import nanoseek
 from nanoseek import shapes
 from nanoseek.cli import main
-from nanoseek.imagine import save_janus
-from nanoseek.janus import Janus, guidance_rows, janus_preset
+from nanoseek.imagine import load_vq, save_vq
+from nanoseek.janus import Janus, VQModel, guidance_rows, janus_preset
 from nanoseek.janus_train import (
     JanusTrainConfig,
     build_model,
     draw_batch,
-    pixels_of,
     prepare_world,
     train_janus,
     world_tokenizer,
@@ -30,14 +29,18 @@ SMALL = {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.first_k_d
          "model.moe_intermediate_size": 16}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    yield
+
+
 @pytest.fixture(scope="module")
 def world_vq(tmp_path_factory) -> Path:
     """A 96-scene training world and a random VQ directory (the tokenizer's quality does not matter here)."""
     d = tmp_path_factory.mktemp("minijanus")
     shapes.synth(96, "train", 0, d / "world")
-    base = janus_preset("janus-mini")
     torch.manual_seed(0)
-    save_janus(Janus(replace(base, vq=replace(base.vq, num_embeddings=64))), d / "vq")
+    save_vq(VQModel(replace(janus_preset("janus-mini").vq, num_embeddings=64), 8), d / "vq")
     return d
 
 
@@ -82,23 +85,16 @@ def test_cfg_dropout_replaces_the_prompt_by_pads_at_its_rate(world_vq):
     assert not any(draw_batch(data, none, s, pad).dropped.any() for s in range(10))
 
 
-def test_preprocessing_matches_the_image_processor(world_vq):
-    from PIL import Image
-
-    from nanoseek.imagine import DEFAULT_PROCESSOR, preprocess
-
-    _, _, images = shapes.load_split(world_vq / "world", "train")
-    proc = {**DEFAULT_PROCESSOR, "size": {"height": 32, "width": 32}}
-    ref = preprocess([Image.fromarray(a) for a in images[:5]], proc)
-    assert torch.allclose(pixels_of(images[:5]), ref, atol=1e-6)
+@pytest.fixture(scope="module")
+def trained(world_vq) -> dict:
+    return train_janus(_cfg(world_vq, "run", max_steps=6, lr=3e-3))
 
 
-def test_train_save_load_imagine_score(world_vq, tmp_path):
+def test_train_save_load_imagine_score(world_vq, trained, tmp_path):
     """A few steps end to end: the losses move, OUT/model loads with nanoseek.load, `nanoseek imagine` draws a 32 x 32
     PNG from it, the verifier reads it, and the eval tasks run on it."""
-    cfg = _cfg(world_vq, "run", max_steps=6, lr=3e-3)
-    summary = train_janus(cfg)
-    run = Path(cfg.out)
+    summary = trained
+    run = Path(summary["out"])
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 7))
     assert all(k in recs[0] for k in ("t2i", "und", "text", "balance", "maxvio"))
@@ -107,8 +103,7 @@ def test_train_save_load_imagine_score(world_vq, tmp_path):
     m = nanoseek.load(summary["model"])
     assert isinstance(m, Janus) and m.config.text.attention == "mla" and m.config.text.n_routed_experts == 8
     # the frozen VQ is the one it was given
-    vq = nanoseek.load(world_vq / "vq")
-    assert torch.equal(m.vqmodel.quantize.embedding.weight, vq.vqmodel.quantize.embedding.weight)
+    assert torch.equal(m.vqmodel.quantize.embedding.weight, load_vq(world_vq / "vq").quantize.embedding.weight)
     assert json.loads((run / "model" / "world.json").read_text())["image_size"] == 32
     assert main(["imagine", "--model", summary["model"], "a red circle", "--n", "2", "--seed", "1",
                  "--out", str(tmp_path / "img")]) == 0
@@ -176,20 +171,41 @@ def test_batched_answers_equal_the_single_image_path(world_vq, tmp_path):
     assert got == want
 
 
-def test_bad_input_fails_before_compute(world_vq, tmp_path, capsys):
-    assert main(["eval", "--task", "shapes-nope", "--model", str(world_vq / "vq")]) == 2
+def test_bad_input_fails_before_compute(world_vq, trained, tmp_path, capsys):
+    assert main(["eval", "--task", "shapes-nope", "--model", str(world_vq / "world")]) == 2
     assert "shapes-nope" in capsys.readouterr().err
     with pytest.raises(ValueError, match="understanding_encoder"):
         JanusTrainConfig(understanding_encoder="clip")
     # a world of 48 x 48 images for a model that reads 32 x 32
     shapes.synth(12, "train", 0, tmp_path / "big", config=shapes.ShapesConfig(image_size=48))
-    with pytest.raises(ValueError, match="48x48"):
+    with pytest.raises(ValueError, match="48 px"):
         train_janus(_cfg(world_vq, "big", data=str(tmp_path / "big")))
     assert not (tmp_path / "big" / "step_00000002").exists()
-    assert main(["eval", "--task", "shapes-geneval", "--model", str(world_vq / "vq"), "--world",
+    assert main(["eval", "--task", "shapes-geneval", "--model", trained["model"], "--world",
                  str(tmp_path / "big" / "world.json"), "--n", "6"]) == 2
     assert "48x48" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no VQ"):
         train_janus(_cfg(world_vq, "novq", vq=""))
     with pytest.raises(ValueError, match="understanding_encoder|no training data"):
         train_janus(_cfg(world_vq, "nodata", data=""))
+
+
+def test_the_findings_run_on_the_runner(trained, tmp_path):
+    """`nanoseek experiment janus-cfg` (a given model: the sweep alone) and `janus-encoding` at toy sizes: results
+    with paired comparisons, plots, and a resume that redoes nothing."""
+    from nanoseek.janus_experiment import janus_experiment_config, run_experiment
+
+    cfg = janus_experiment_config("janus-cfg", ["weights=[1, 3]", "sample_seeds=[0]"], out=str(tmp_path / "cfg"),
+                                  fast=True, model=trained["model"])
+    r = run_experiment(cfg)
+    assert set(r["weights"]) == {"1", "3"} and r["weights"]["3"]["minus_lowest"]["n"] == 12
+    assert (tmp_path / "cfg" / "guidance.png").is_file() and (tmp_path / "cfg" / "guidance_grid.png").is_file()
+    enc = janus_experiment_config("janus-encoding", ["seeds=[0]"], out=str(tmp_path / "enc"), fast=True)
+    r = run_experiment(enc)
+    assert set(r["models"]) == {"vit-s0", "vq-s0"} and r["pooled"]["vqa_vit_minus_vq"]["n"] == 12
+    assert json.loads((tmp_path / "enc" / "vq-s0" / "model" / "janus_train.json").read_text())[
+        "understanding_encoder"] == "vq"
+    state = (tmp_path / "enc" / "state.json").read_text()
+    assert run_experiment(enc)["pooled"] == r["pooled"] and (tmp_path / "enc" / "state.json").read_text() == state
+    with pytest.raises(ValueError, match="unknown janus experiment key"):
+        janus_experiment_config("janus-cfg", ["wieghts=[1]"])
