@@ -160,10 +160,11 @@ def world_texts(items: Sequence[dict[str, Any]]) -> list[str]:
     words as well as the world's)."""
     from .imagine import UNDERSTANDING_SYSTEM, user_turn
 
-    out = [user_turn("", UNDERSTANDING_SYSTEM)]
+    out = []
     for it in items:
         out += [user_turn(it["prompt"]), user_turn(it["caption"]), it["caption"]]
-        out += [user_turn(q["question"]) + " " + q["answer"] for q in it.get("questions", [])]
+        # as the understanding prompt reads (the system prompt with every question), minus the image tokens
+        out += [user_turn(q["question"], UNDERSTANDING_SYSTEM) + " " + q["answer"] for q in it.get("questions", [])]
     return out
 
 

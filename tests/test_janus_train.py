@@ -105,6 +105,14 @@ def test_train_save_load_imagine_score(world_vq, trained, tmp_path):
     # the frozen VQ is the one it was given
     assert torch.equal(m.vqmodel.quantize.embedding.weight, load_vq(world_vq / "vq").quantize.embedding.weight)
     assert json.loads((run / "model" / "world.json").read_text())["image_size"] == 32
+    # transformers reads it as a Janus around a DeepseekV3Model, with the same logits
+    from transformers import JanusForConditionalGeneration
+
+    hf = JanusForConditionalGeneration.from_pretrained(summary["model"], dtype=torch.float32).eval()
+    assert type(hf.model.language_model).__name__ == "DeepseekV3Model"
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, m(ids), atol=1e-5, rtol=1e-5)
     assert main(["imagine", "--model", summary["model"], "a red circle", "--n", "2", "--seed", "1",
                  "--out", str(tmp_path / "img")]) == 0
     png = tmp_path / "img" / "image_0.png"
@@ -209,3 +217,36 @@ def test_the_findings_run_on_the_runner(trained, tmp_path):
     assert run_experiment(enc)["pooled"] == r["pooled"] and (tmp_path / "enc" / "state.json").read_text() == state
     with pytest.raises(ValueError, match="unknown janus experiment key"):
         janus_experiment_config("janus-cfg", ["wieghts=[1]"])
+
+
+def test_serve_runs_the_trained_mini_janus(trained):
+    """The published model serves unchanged: /v1/images/generations at its native 32 x 32, and a question about an
+    image in /v1/chat/completions (the openai client, as tests/test_serve_janus.py)."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from nanoseek.serve import BackgroundServer, ServeConfig, Server
+
+    srv = Server.from_config(ServeConfig(model=trained["model"], served_model_name="mini"))
+    with BackgroundServer(srv) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.images.generate(model="mini", prompt="a red circle", n=2, size="32x32",
+                                   response_format="b64_json")
+        ims = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in r.data]
+        assert [im.size for im in ims] == [(32, 32), (32, 32)]
+        buf = io.BytesIO()
+        ims[0].save(buf, format="PNG")
+        url_png = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        chat = client.chat.completions.create(model="mini", max_tokens=3, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_png}},
+                                         {"type": "text", "text": "How many circles are there?"}]}])
+    import numpy as np
+
+    from nanoseek.janus_eval import answer_questions, load_model
+
+    model, tok = load_model(trained["model"])
+    want = answer_questions(model, tok, np.asarray(ims[0])[None], ["How many circles are there?"], max_tokens=3)
+    assert (chat.choices[0].message.content or "").strip() == want[0]  # greedy: the eval's own answer
