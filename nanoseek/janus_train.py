@@ -3,9 +3,10 @@
 One model learns the shapes world (nanoseek.shapes) both ways, as Janus-Pro does (arXiv 2501.17811):
   text-to-image   BOS "<|User|>: {prompt}\\n\\n<|Assistant|>:" <begin_of_image> t_0 .. t_63: the 8 x 8 VQ tokens of
                   the image (the frozen VQ of `nanoseek janus train-vq`) are the targets of the generation head.
-                  CFG dropout: 10% of the prompts become BOS, pads, <begin_of_image> (Janus section 3.2: "we randomly
-                  replace the text condition with a pad token at a probability of 10%"), exactly the unconditional
-                  row that sampling builds (nanoseek.janus.guidance_rows, DeepSeek's rule).
+                  CFG dropout: 10% of the prompts become BOS, pads, <begin_of_image> (Janus, arXiv 2410.13848,
+                  training details: the text condition is replaced by the pad token with probability 10%, so the
+                  model also learns the unconditional distribution), exactly the unconditional row that sampling
+                  builds (nanoseek.janus.guidance_rows, DeepSeek's rule).
   understanding   the understanding prompt of `nanoseek generate --image` (nanoseek.imagine.understanding_prompt: the
                   system prompt, <begin_of_image>, 64 image placeholders, <end_of_image>, the question), then
                   " {answer}" EOS as the target; the placeholders carry the ViT + aligner features ("vit":
