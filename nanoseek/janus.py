@@ -549,6 +549,13 @@ class Janus(nn.Module):
 # Image generation with classifier-free guidance (Janus section 3.2; DeepSeek's generation_inference.py)
 
 
+def unconditional_prompt(prompt: Sequence[int], pad_id: int) -> list[int]:
+    """DeepSeek's unconditional row of a prompt: its first token (BOS) and last (<begin_of_image>) kept, every token
+    in between the pad id. Sampling's unconditional rows (guidance_rows) and training's CFG dropout
+    (nanoseek.janus_train) are both this."""
+    return [prompt[0], *([pad_id] * (len(prompt) - 2)), prompt[-1]]
+
+
 def guidance_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional rows (the prompts) then unconditional rows, left-padded: ids (2B, T), attention mask (2B, T).
 
@@ -563,7 +570,7 @@ def guidance_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.
     for i, p in enumerate(prompts):
         n = len(p)
         ids[i, T - n:] = torch.tensor(list(p))
-        ids[B + i, T - n], ids[B + i, T - 1] = p[0], p[-1]
+        ids[B + i, T - n:] = torch.tensor(unconditional_prompt(p, pad_id))
         mask[i, T - n:] = mask[B + i, T - n:] = 1
     return ids, mask
 

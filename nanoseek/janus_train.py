@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from .janus import Janus, JanusConfig, janus_preset
+from .janus import Janus, JanusConfig, janus_preset, unconditional_prompt
 from .stats import derive_seed
 
 ENCODERS = ("vit", "vq")
@@ -223,11 +223,6 @@ def vq_tokens(model: Janus, pixels: torch.Tensor, batch: int = 256) -> torch.Ten
 # Sequences and losses (one implementation: training and the evaluation's samplers use these)
 
 
-def unconditional(prompt: Sequence[int], pad_id: int) -> list[int]:
-    """DeepSeek's unconditional row: first and last token kept, every token between them a pad (janus.guidance_rows)."""
-    return [prompt[0], *([pad_id] * (len(prompt) - 2)), prompt[-1]]
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids left-padded with pad_id, and the (B, T) attention mask (1 = real token)."""
     T = max(map(len, rows))
@@ -342,7 +337,7 @@ def draw_batch(data: WorldData, cfg: JanusTrainConfig, step: int, pad_id: int) -
     use_caption = rng.random(cfg.t2i_batch) < cfg.caption_frac
     drop = rng.random(cfg.t2i_batch) < cfg.cfg_dropout
     prompts = [data.gen_prompts[i][int(c)] for i, c in zip(idx, use_caption)]
-    prompts = [unconditional(p, pad_id) if d else p for p, d in zip(prompts, drop)]
+    prompts = [unconditional_prompt(p, pad_id) if d else p for p, d in zip(prompts, drop)]
     und = [data.questions[j] for j in rng.integers(len(data.questions), size=cfg.und_batch)]
     text = [data.captions[j] for j in rng.integers(len(data.captions), size=cfg.text_batch)]
     return Batch(idx, prompts, drop, und, text)
