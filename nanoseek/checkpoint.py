@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,21 +118,26 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
                     *, optimizer_state: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
                     data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                    keep_last: int | None = None, tokenizer: str | Path | None = None) -> Path:
+                    keep_last: int | None = None, tokenizer: str | Path | None = None,
+                    save_model: Callable[[Any, Path], Any] | None = None) -> Path:
     """Write RUN/step_XXXXXXXX atomically, then move RUN/latest to it. Returns the checkpoint directory.
 
     `optimizer_state` (a named state, e.g. gathered from FSDP) replaces `optimizer` when given. `tokenizer`: a
     tokenizer directory whose files are copied in, so every checkpoint is a complete, servable model directory.
+    `save_model(model, dir)` writes a model that is not a Transformer (e.g. imagine.write_vq for a VQ tokenizer).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = run_dir / name
     with atomic_dir(final) as tmp:  # re-saving the same step replaces it whole
-        save_pretrained(model, tmp / "model", tokenizer=tokenizer)
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
+        if save_model is not None:
+            save_model(model, tmp)
+        else:
+            save_pretrained(model, tmp / "model", tokenizer=tokenizer)
+            for f in (tmp / "model").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "model").rmdir()
         state: dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "scheduler": scheduler or {},
                                  "data": data or {}, "extra": extra or {}}
         if optimizer is not None and optimizer_state is None:
@@ -162,10 +168,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path, model: Transformer,
                     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, load_model: Callable[[Path, Any], None] | None = None) -> dict[str, Any]:
     """Restore model (and optimizer, RNG) in place from a checkpoint or a run directory (follows `latest`).
     Returns trainer_state.json's content (step, scheduler, data position, extra); with the optimizer state under
-    "optimizer_state" (named) when `optimizer` is None but the checkpoint has one (FSDP loads it itself)."""
+    "optimizer_state" (named) when `optimizer` is None but the checkpoint has one (FSDP loads it itself).
+    `load_model(dir, model)` restores a model that is not a Transformer (the counterpart of save_model)."""
     path = Path(path)
     if (path / "latest").exists():
         resolved = latest_checkpoint(path)
@@ -176,14 +183,17 @@ def load_checkpoint(path: str | Path, model: Transformer,
     if not state_file.exists():
         raise FileNotFoundError(f"no trainer_state.json in {path}: not a nanoseek checkpoint")
     state = json.loads(state_file.read_text())
-    saved_cfg = config_from_hf(path / "config.json")
-    if saved_cfg != model.config:
-        diff = {k: (v, getattr(model.config, k)) for k, v in saved_cfg.to_dict().items()
-                if getattr(model.config, k) != v}
-        raise ValueError("checkpoint was saved from a different model config: "
-                         + ", ".join(f"{k}={a} in the checkpoint vs {b} in the model" for k, (a, b) in diff.items()))
-    sd, unexpected = from_hf_state_dict(model.config, read_hf_state_dict(path))
-    load_state_dict(model, sd, unexpected, strict_mtp=True)
+    if load_model is not None:
+        load_model(path, model)
+    else:
+        saved_cfg = config_from_hf(path / "config.json")
+        if saved_cfg != model.config:
+            diff = {k: (v, getattr(model.config, k)) for k, v in saved_cfg.to_dict().items()
+                    if getattr(model.config, k) != v}
+            raise ValueError("checkpoint was saved from a different model config: " + ", ".join(
+                f"{k}={a} in the checkpoint vs {b} in the model" for k, (a, b) in diff.items()))
+        sd, unexpected = from_hf_state_dict(model.config, read_hf_state_dict(path))
+        load_state_dict(model, sd, unexpected, strict_mtp=True)
     if "optimizer" in state:
         named = _unflatten_named(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if optimizer is None:

@@ -131,9 +131,19 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import EvalConfig, evaluate, summary_markdown
+    from .janus_eval import TASKS as JANUS_TASKS
 
+    if args.task in JANUS_TASKS:  # a Janus on the shapes world: images out (geneval) or answers (vqa)
+        from .janus_eval import JanusEvalConfig, run_janus_eval
+
+        if args.model is None:
+            raise ValueError(f"--task {args.task} evaluates a local Janus directory: give --model DIR")
+        run_janus_eval(JanusEvalConfig(task=args.task, model=args.model, out=args.out, n=args.n,
+                                       cfg_weight=args.cfg, world=args.world, device=args.device,
+                                       dtype="float32" if args.dtype == "auto" else args.dtype))
+        return 0
     s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
-                            api_key=args.api_key, k=args.k, n=args.n, temperature=args.temperature,
+                            api_key=args.api_key, k=args.k, n=args.n or 200, temperature=args.temperature,
                             top_p=args.top_p, max_tokens=args.max_tokens, prompt_format=args.prompt_format,
                             out=args.out, device=args.device, dtype=args.dtype))
     print(summary_markdown(s))
@@ -175,6 +185,40 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_janus_train(args: argparse.Namespace) -> int:
+    from .janus_train import JanusTrainConfig, train_janus
+    from .train import NonFiniteLoss
+
+    cfg = JanusTrainConfig.from_sources(args.config, args.overrides, data=args.data, vq=args.vq, out=args.out,
+                                        resume=True if args.resume else None, device=args.device, dtype=args.dtype)
+    try:
+        summary = train_janus(cfg)
+    except NonFiniteLoss as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 3
+    Console().print(f"mini Janus {summary['status']} at step {summary['step']}; model: [bold]{summary['model']}[/] "
+                    f"(nanoseek imagine / eval --task shapes-geneval / serve)")
+    return 0
+
+
+def _add_janus_commands(sub: argparse._SubParsersAction) -> None:
+    jp = sub.add_parser("janus", help="the mini Janus on the shapes world (docs/janus.md#mini-janus)")
+    jsub = jp.add_subparsers(dest="janus_command", required=True, metavar="COMMAND")
+    sp = jsub.add_parser("train", help="train the unified mini Janus from scratch (V3 trunk, frozen VQ)",
+                         description="Text-to-image (CFG dropout), image-to-text understanding and caption text in "
+                                     "one loop; checkpoints, resume, metrics.jsonl, loss.png; OUT/model is the "
+                                     "published Janus directory. Any JanusTrainConfig field as key=value.")
+    sp.add_argument("--config", help="TOML file of JanusTrainConfig fields")
+    sp.add_argument("--data", help="shapes world directory (nanoseek data synth --task shapes --split train)")
+    sp.add_argument("--vq", help="the trained VQ (nanoseek janus train-vq)")
+    sp.add_argument("--out", default=None, help="run directory (default runs/janus)")
+    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _device_args(sp, "fp32 (default) | bf16 autocast", "fp32")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="JanusTrainConfig fields (model.* for the "
+                                                                      "trunk)")
+    sp.set_defaults(func=cmd_janus_train)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .experiment import parse_stage_list
@@ -186,12 +230,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import experiment, experiment_config, parse_stage_list
+    from .janus_experiment import EXPERIMENTS as JANUS_EXPERIMENTS
 
     common = dict(out=args.out or f"runs/{args.name}", fast=args.fast, seed=args.seed)
     stages = dict(skip=parse_stage_list(args.skip), only=parse_stage_list(args.only), fresh=args.fresh)
     if args.name == "distill-vs-rl":
         experiment(experiment_config(args.overrides, **common), **stages)
-    else:
+    elif args.name in JANUS_EXPERIMENTS:  # the mini Janus' findings (docs/findings/janus.md)
+        from .janus_experiment import janus_experiment_config, run_experiment
+
+        run_experiment(janus_experiment_config(args.name, args.overrides, **common), **stages)
+    else:  # V3's ablations (docs/findings/moe-balance.md, mtp.md)
         from .ablations import run_ablation
 
         run_ablation(args.name, args.overrides, **stages, **common)
@@ -626,12 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-key", default=None)
     sp.add_argument("--task", default="arithmetic", help=_task_help("prompt, answer"))
     sp.add_argument("--k", type=int, default=8, help="samples per item (default 8)")
-    sp.add_argument("--n", type=int, default=200, help="held-out items (default 200)")
+    sp.add_argument("--n", type=int, default=None,
+                    help="held-out items (default 200; shapes-geneval 360 prompts, shapes-vqa 600 questions)")
     sp.add_argument("--temperature", type=float, default=0.6)
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--prompt-format", choices=["chat", "r1_zero"], default="chat")
     sp.add_argument("--out", default=None, help="directory for items.jsonl, summary.json and summary.md")
+    sp.add_argument("--cfg", type=float, default=5.0, help="shapes-geneval: guidance weight, >= 1 (default 5)")
+    sp.add_argument("--world", default=None, help="shapes tasks: the world.json (default: the model's own)")
     _device_args(sp, "with --model: " + INFER_DTYPE_HELP)
     sp.set_defaults(func=cmd_eval)
 
@@ -704,8 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="distill-vs-rl: docs/findings/distill-vs-rl.md (same as `nanoseek distill "
                                     "experiment`); moe-balance: docs/findings/moe-balance.md (aux-loss-free bias vs "
                                     "auxiliary loss vs neither); mtp: docs/findings/mtp.md (with vs without the MTP "
-                                    "module). Any experiment config field as key=value.")
-    sp.add_argument("name", choices=("distill-vs-rl", "moe-balance", "mtp"), help="the experiment")
+                                    "module); janus-encoding, janus-cfg: docs/findings/janus.md. Any experiment config "
+                                    "field as key=value.")
+    sp.add_argument("name", choices=("distill-vs-rl", "moe-balance", "mtp", "janus-encoding", "janus-cfg"),
+                    help="the experiment")
     sp.add_argument("--out", default=None, help="output directory (default runs/NAME)")
     sp.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline, numbers mean nothing")
     sp.add_argument("--seed", type=int, default=0)
@@ -713,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment config fields (TOML values)")
     sp.set_defaults(func=cmd_experiment)
     _add_tokenizer_and_data_commands(sub)
+    _add_janus_commands(sub)
     _add_distill_commands(sub)
     _add_serve_commands(sub)
     _add_audit_command(sub)

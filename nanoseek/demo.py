@@ -13,6 +13,9 @@ is the one way to trade work for time, and the report then says the run was time
   student_distill   path (b), part 2: SFT of the pretrained student on them, for as many steps as make (b)'s
                     training FLOPs (teacher sampling included) equal to (a)'s — R1 §4.1's comparison
   eval              base, RL, student base, student + RL, student + distillation on the same held-out problems
+  janus_data .. janus_eval   the mini Janus (nanoseek.janus_experiment): the shapes world, its VQ tokenizer, the
+                    unified model trained from scratch, the GenEval-style and VQA evaluation; `--only janus` /
+                    `--skip janus` select the four
 Then the report: OUT/report/report.md + report.json + PNGs (nanoseek.report).
 """
 
@@ -31,6 +34,8 @@ from rich.console import Console
 from . import experiment
 from .experiment import Stage, StageRun
 from .files import atomic_dir, atomic_write_jsonl, read_jsonl
+from .janus_experiment import JanusPlan, expand_stage_names
+from .janus_experiment import demo_stages as janus_stages
 from .stats import derive_seed
 from .tasks import Task, get_task
 
@@ -105,6 +110,8 @@ class DemoPlan:
     student_rl_step_s: float = 0.42  # scaled like student_step_s: rollout + update 0.70 s vs base 4.0 s CPU time
     sample_s: float = 0.022  # one 100-token completion of the base at eval batch 32 (3.0 s CPU per 64, scaled)
     student_sample_s: float = 0.012
+    # the Janus part (nanoseek.janus_experiment: world, VQ, unified training, eval; `--only janus`, `--skip janus`)
+    janus: JanusPlan = field(default_factory=JanusPlan)
 
     @classmethod
     def make(cls, fast: bool) -> DemoPlan:
@@ -117,14 +124,15 @@ class DemoPlan:
                    student_pretrain_steps=4, student_rl_steps=2, distill_prompts=6, eval_n=4, eval_k=2,
                    distill_verifier="none",  # a toy model solves nothing: keep its traces to exercise the path
                    pretrain_step_s=0.04, student_step_s=0.02, rl_step_s=0.3, student_rl_step_s=0.2, sample_s=0.01,
-                   student_sample_s=0.01)
+                   student_sample_s=0.01, janus=JanusPlan.make(True))
 
     def identity(self) -> dict[str, Any]:
         """What must match for two runs (or a run and its resume) to be the same experiment: everything but the
         reference timings."""
         timing = {"pretrain_step_s", "student_step_s", "rl_step_s", "student_rl_step_s", "sample_s",
                   "student_sample_s"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in timing}
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in timing},
+                "janus": self.janus.identity()}
 
     def estimates(self) -> dict[str, float]:
         """Seconds per stage on the reference machine (the work above times the per-step references, plus a few
@@ -164,6 +172,7 @@ def stages(plan: DemoPlan) -> list[Stage]:
               ("student_pretrain", "student_rl", "traces"), True),
         stage("eval", stage_eval, f"{len(MODELS)} models x {plan.eval_n} held-out problems x ({plan.eval_k} "
               "samples + greedy)", ("pretrain",)),
+        *janus_stages(plan.janus),
     ]
 
 
@@ -206,12 +215,14 @@ def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False, de
         raise ValueError(f"--threads must be >= 1, got {threads}")
     plan = DemoPlan.make(fast)
     plan.device, plan.dtype = device, dtype
+    plan.janus.seed, plan.janus.device = plan.seed, device
     all_stages = stages(plan)
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)  # results differ in their last digits between thread counts
     try:
-        outcome = experiment.run(root, all_stages, plan.identity(), skip=skip or [], only=only or [], fresh=fresh,
+        outcome = experiment.run(root, all_stages, plan.identity(), skip=expand_stage_names(skip or []),
+                                 only=expand_stage_names(only or []), fresh=fresh,
                                  max_minutes=max_minutes, slowdown=lambda: calibrate(plan, device), console=console,
                                  title=f"nanoseek demo{' --fast' if fast else ''}", threads=torch.get_num_threads())
         if outcome.interrupted:
@@ -226,6 +237,9 @@ def run_demo(out: str = "runs/demo", fast: bool = False, fresh: bool = False, de
     for name in MODELS:
         if (root / "models" / name).exists():
             console.print(f"model {name:13s} {root / 'models' / name}")
+    if (root / "models" / "janus").exists():
+        console.print(f"model janus         {root / 'models' / 'janus'}   (nanoseek imagine --model "
+                      f"{root / 'models' / 'janus'} \"a red circle left of a blue square\" --out pictures/)")
     console.print(f"talk to it:  nanoseek chat --model {root / 'models' / 'rl'}")
     console.print(f"serve it:    nanoseek serve --model {root / 'models' / 'rl'}")
     return 0

@@ -151,6 +151,8 @@ def evaluate(cfg: EvalConfig, items: list[dict[str, Any]] | None = None,
         row = {"id": it.get("id"), "prompt": it.get("prompt"), "answer": it.get("answer"), "correct": ok,
                "pass1": sum(ok) / len(ok), "majority_answer": maj, "cons_correct": maj_ok,
                "greedy_correct": task.correct(it, g[0]) if g[0] is not None else None}
+        if task.group(it) is not None:
+            row["group"] = task.group(it)
         if text:
             row.update({"greedy_text": g[0], "samples": outs, "lengths": [len(o) for o in outs]})
         else:
@@ -178,6 +180,12 @@ def summarize(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     if rows[0]["greedy_correct"] is not None:
         g = sum(bool(r["greedy_correct"]) for r in rows)
         out["greedy"], out["greedy_ci"] = g / n, wilson(g, n)
+    if any("group" in r for r in rows):  # the task's groups (Task.group): pass@1 per group, Wilson over its items
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            groups.setdefault(str(r.get("group")), []).append(r["pass1"])
+        out["groups"] = {name: {"n": len(v), "pass@1": sum(v) / len(v), "ci": wilson(sum(v), len(v))}
+                         for name, v in groups.items()}
     out["config"] = {k2: v for k2, v in asdict(cfg).items() if k2 != "api_key"}  # never write the key
     return out
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .janus import Janus, JanusConfig, VisionConfig, VQConfig, generate_image_tokens
+from .janus import Janus, JanusConfig, VisionConfig, VQConfig, VQModel, generate_image_tokens
 from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, dominant_dtype, read_hf_state_dict
 from .weights import from_hf_state_dict as lm_from_hf
 from .weights import to_hf_state_dict as lm_to_hf
@@ -83,11 +83,16 @@ def janus_config_to_hf(cfg: JanusConfig) -> dict[str, Any]:
     text = config_to_hf(cfg.text)
     text.pop("architectures", None)
     vision = {**asdict(cfg.vision), "hidden_act": "gelu", "use_qk_norm": False, "model_type": "janus_vision_model"}
-    vq = {**asdict(cfg.vq), "channel_multiplier": list(cfg.vq.channel_multiplier), "hidden_act": "gelu",
-          "double_latent": False, "num_patches": cfg.vision.grid, "model_type": "janus_vqgan"}
+    vq = vq_config_to_hf(cfg.vq, cfg.vision.grid)
     return {"architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "text_config": text,
             "vision_config": vision, "vq_config": vq, "image_token_id": cfg.image_token_id,
             "tie_word_embeddings": cfg.text.tie_word_embeddings}
+
+
+def vq_config_to_hf(q: VQConfig, grid: int) -> dict[str, Any]:
+    """transformers' JanusVQVAEConfig (the `vq_config` of a Janus config.json; alone, a VQ directory's config)."""
+    return {**asdict(q), "channel_multiplier": list(q.channel_multiplier), "hidden_act": "gelu",
+            "double_latent": False, "num_patches": grid, "model_type": "janus_vqgan"}
 
 
 def janus_config_from_original(d: dict[str, Any]) -> JanusConfig:
@@ -263,19 +268,7 @@ def load_janus(path: str | Path, device: torch.device | str | None = None, dtype
     from .device import resolve_device
 
     device = resolve_device(device)
-    path = Path(path)
-    cfg, layout = janus_config(path)
-    hf = read_hf_state_dict(path, dtype)
-    if layout == "original":
-        hf = original_to_hf_state_dict(hf)
-    embed, head = hf.get("model.language_model.embed_tokens.weight"), hf.get("lm_head.weight")
-    if cfg.text.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
-        # transformers' rule: a config that says "tied" but a checkpoint with a different head means untied
-        # (Janus-Pro's head is its own; JanusConfig defaults to tied)
-        cfg = replace(cfg, text=replace(cfg.text, tie_word_embeddings=False))
-    if cfg.text.tie_word_embeddings:
-        hf.pop("lm_head.weight", None)
-    sd, unexpected = from_hf_state_dict(cfg, hf)
+    cfg, sd, unexpected, layout = _read_janus(Path(path), dtype)
     if dtype is None:
         dtype = dominant_dtype(sd)
     with torch.device("meta"):
@@ -288,6 +281,33 @@ def load_janus(path: str | Path, device: torch.device | str | None = None, dtype
     model.to(device)
     _copy_state(model, sd, unexpected, layout)
     return model.to(dtype).eval()
+
+
+def _read_janus(path: Path, dtype: torch.dtype | None
+                ) -> tuple[JanusConfig, dict[str, torch.Tensor], list[str], str]:
+    """(config, nanoseek state dict, unexpected keys, layout) of a Janus directory."""
+    cfg, layout = janus_config(path)
+    hf = read_hf_state_dict(path, dtype)
+    if layout == "original":
+        hf = original_to_hf_state_dict(hf)
+    embed, head = hf.get("model.language_model.embed_tokens.weight"), hf.get("lm_head.weight")
+    if cfg.text.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # transformers' rule: a config that says "tied" but a checkpoint with a different head means untied
+        # (Janus-Pro's head is its own; JanusConfig defaults to tied)
+        cfg = replace(cfg, text=replace(cfg.text, tie_word_embeddings=False))
+    if cfg.text.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)
+    sd, unexpected = from_hf_state_dict(cfg, hf)
+    return cfg, sd, unexpected, layout
+
+
+def load_janus_weights(model: Janus, path: str | Path) -> None:
+    """Copy a Janus directory's weights into `model` in place (nanoseek.checkpoint's resume), after checking the
+    directory was saved from the same config."""
+    cfg, sd, unexpected, layout = _read_janus(Path(path), None)
+    if cfg != model.config:
+        raise ValueError(f"{path} was saved from a different Janus config than the model's")
+    _copy_state(model, sd, unexpected, layout)
 
 
 def _hf_name(key: str) -> str:
@@ -330,26 +350,13 @@ def processor_config(cfg: JanusConfig) -> dict[str, Any]:
 
 def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = None,
                tokenizer: str | Path | None = None) -> Path:
-    """Write transformers' JanusForConditionalGeneration layout (config.json, model.safetensors,
-    generation_config.json, preprocessor_config.json, tokenizer files when `tokenizer` is given) into a temp
-    directory and rename it into place."""
-    from safetensors.torch import save_file
-
+    """Write transformers' JanusForConditionalGeneration layout (write_janus) into a temp directory and rename it
+    into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in to_hf_state_dict(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        main_dtype = str(dominant_dtype(sd)).removeprefix("torch.")
-        hf_cfg = {**janus_config_to_hf(cfg), "torch_dtype": main_dtype}
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(processor_config(cfg), indent=2) + "\n")
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            write_tokenizer(Path(tokenizer), tmp, cfg)
+        write_janus(model, tmp, dtype=dtype, tokenizer=tokenizer)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -357,6 +364,76 @@ def save_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = No
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def write_janus(model: Janus, path: str | Path, *, dtype: torch.dtype | None = None,
+                tokenizer: str | Path | None = None) -> None:
+    """Write a Janus into the existing directory `path` (config.json, model.safetensors, generation_config.json,
+    preprocessor_config.json, tokenizer files when `tokenizer` is given): save_janus, and a training checkpoint's
+    model part (nanoseek.checkpoint's save_model)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfg = model.config
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in to_hf_state_dict(model).items()}
+    main_dtype = str(dominant_dtype(sd)).removeprefix("torch.")
+    hf_cfg = {**janus_config_to_hf(cfg), "torch_dtype": main_dtype}
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(processor_config(cfg), indent=2) + "\n")
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        write_tokenizer(Path(tokenizer), path, cfg)
+
+
+def write_vq(vq: VQModel, path: str | Path) -> None:
+    """Write a VQ tokenizer alone into the existing directory `path`, in transformers' JanusVQVAE layout (config.json
+    with model_type janus_vqgan, model.safetensors with the keys of `model.vqmodel.*` without the prefix):
+    `JanusVQVAE.from_pretrained` loads it, and so does load_vq. A Janus built with this VQConfig takes the weights
+    with `model.vqmodel.load_state_dict(load_vq(path).state_dict())`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in vq.state_dict().items()}
+    cfg = {"architectures": ["JanusVQVAE"], **vq_config_to_hf(vq.config, vq.grid),
+           "torch_dtype": str(dominant_dtype(sd)).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_vq(vq: VQModel, path: str | Path) -> Path:
+    """write_vq into a temporary directory renamed into place (nanoseek.files.atomic_dir)."""
+    from .files import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        write_vq(vq, tmp)
+    return Path(path)
+
+
+def load_vq(path: str | Path, device: torch.device | str | None = None) -> VQModel:
+    """A VQ directory written by write_vq / save_vq (or transformers' JanusVQVAE.save_pretrained), in eval mode."""
+    from .device import resolve_device
+
+    path = Path(path)
+    raw = _read_json(path / "config.json")
+    if raw.get("model_type") != "janus_vqgan":
+        raise CheckpointError(f"{path / 'config.json'} is not a Janus VQ config (model_type "
+                              f"{raw.get('model_type')!r}, expected 'janus_vqgan')")
+    names = {f.name for f in fields(VQConfig)}
+    q = VQConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names})
+    with torch.device("meta"):
+        vq = VQModel(q, int(raw["num_patches"]))
+    vq = vq.to_empty(device=resolve_device(device))
+    sd = read_hf_state_dict(path)
+    own = vq.state_dict()
+    extra, missing = sorted(set(sd) - set(own)), sorted(set(own) - set(sd))
+    if extra or missing:
+        raise CheckpointError(f"{path}: " + "; ".join(
+            f"{what} tensor(s) {', '.join(ks[:5])}" + (f" and {len(ks) - 5} more" if len(ks) > 5 else "")
+            for what, ks in (("unexpected", extra), ("missing", missing)) if ks))
+    copy_checked(own, sd, str)
+    return vq.eval()
 
 
 def write_tokenizer(src: Path, dst: Path, cfg: JanusConfig) -> None:

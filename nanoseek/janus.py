@@ -132,7 +132,35 @@ def _tiny_text() -> ModelConfig:
                                    pad_token_id=3)
 
 
+def _mini_text() -> ModelConfig:
+    """The mini Janus' LLM: nanoseek's DeepSeek-V3 block (MLA + DeepSeekMoE with a shared expert, sigmoid routing
+    with the aux-loss-free bias) at the demo base's widths (docs/demo.md). No MTP module: transformers' Janus builds
+    a DeepseekV3Model, which has none (tests/test_janus.py::test_parity_with_a_deepseek_v3_trunk). Untied head, as
+    Janus-Pro. The special-token ids are the world tokenizer's (nanoseek.janus_train.world_tokenizer)."""
+    return ModelConfig.from_preset(
+        "tiny", vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, num_nextn_predict_layers=0, max_position_embeddings=256,
+        rope_scaling=None, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _mini() -> JanusConfig:
+    # 32 x 32 images of the shapes world (nanoseek.shapes): an 8 x 8 grid for both paths, as transformers' Janus
+    # requires (ViT patches of 4 px; a VQ with 2 downsamplings, `nanoseek janus train-vq`, whose own config wins)
+    text = _mini_text()
+    D = text.hidden_size
+    return JanusConfig(
+        text=text,
+        vision=VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4,
+                            projection_dim=D, num_image_tokens=64),
+        vq=VQConfig(embed_dim=8, num_embeddings=512, latent_channels=64, base_channels=32,
+                    channel_multiplier=(1, 1, 2), num_res_blocks=1, projection_dim=D, image_token_embed_dim=D),
+        image_token_id=509, boi_token_id=510, eoi_token_id=511, pad_token_id=2)
+
+
 JANUS_PRESETS: dict[str, Callable[[], JanusConfig]] = {
+    # the mini Janus trained from scratch on a CPU (`nanoseek janus train`, docs/janus.md "Mini Janus")
+    "janus-mini": _mini,
     # for tests: 16x16 images, 4x4 patches of 4 px, a VQ with 2 downsamplings, 16 image tokens
     "janus-tiny": lambda: JanusConfig(
         text=_tiny_text(),
@@ -153,7 +181,12 @@ def janus_preset(name: str, **text_overrides: Any) -> JanusConfig:
     if name not in JANUS_PRESETS:
         raise ValueError(f"unknown Janus preset {name!r}; available: {', '.join(JANUS_PRESETS)}")
     cfg = JANUS_PRESETS[name]()
-    return replace(cfg, text=replace(cfg.text, **text_overrides)) if text_overrides else cfg
+    if not text_overrides:
+        return cfg
+    text = replace(cfg.text, **text_overrides)
+    D = text.hidden_size  # the aligners' outputs and the generation head's input follow the LLM's width
+    return replace(cfg, text=text, vision=replace(cfg.vision, projection_dim=D),
+                   vq=replace(cfg.vq, projection_dim=D, image_token_embed_dim=D))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,6 +416,26 @@ class VQModel(nn.Module):
         z = F.normalize(self.quant_conv(self.encoder(pixels)).permute(0, 2, 3, 1), dim=-1)  # (B, h, w, C)
         return (z.flatten(1, 2) @ self.codebook().T.to(z.dtype)).argmax(-1)
 
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training pass (LlamaGen's VQModel.forward with codebook_l2_norm): pixels (B, 3, H, W) in [-1, 1] ->
+        reconstruction, token ids (as `encode`), the l2-normalised latents z (B*h*w, C, detached: dead codes
+        restart from them) and the two VQ losses of VQ-VAE (van den Oord et al. 2017, eq. 3): the codebook loss
+        ||sg[z] - e||^2 moves codes to the latents, the commitment loss ||z - sg[e]||^2 (weighted by the caller's
+        beta) keeps the encoder near its codes. The straight-through estimator copies the decoder's gradient from
+        the quantised latent to z."""
+        z = F.normalize(self.quant_conv(self.encoder(pixels)), dim=1)  # (B, C, h, w), on the sphere
+        B, C, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, C)
+        ids = (flat.detach() @ self.codebook().T.to(flat.dtype)).argmax(-1)  # cosine nearest, as encode()
+        zq = self.codebook()[ids].to(flat.dtype)
+        codebook_loss = F.mse_loss(zq, flat.detach())
+        commitment_loss = F.mse_loss(flat, zq.detach())
+        zq = flat + (zq - flat).detach()  # straight-through: forward value e, gradient of z
+        zq = zq.view(B, h, w, C).permute(0, 3, 1, 2)
+        recon = self.decoder(self.post_quant_conv(zq.to(self.post_quant_conv.weight.dtype)))
+        return {"recon": recon, "ids": ids.view(B, h * w), "z": flat.detach(), "codebook_loss": codebook_loss,
+                "commitment_loss": commitment_loss}
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """token ids (B, grid^2) -> pixels (B, 3, H, W), the decoder's raw output (about [-1, 1])."""
         if ids.dim() != 2 or ids.shape[1] != self.grid ** 2:
@@ -496,6 +549,13 @@ class Janus(nn.Module):
 # Image generation with classifier-free guidance (Janus section 3.2; DeepSeek's generation_inference.py)
 
 
+def unconditional_prompt(prompt: Sequence[int], pad_id: int) -> list[int]:
+    """DeepSeek's unconditional row of a prompt: its first token (BOS) and last (<begin_of_image>) kept, every token
+    in between the pad id. Sampling's unconditional rows (guidance_rows) and training's CFG dropout
+    (nanoseek.janus_train) are both this."""
+    return [prompt[0], *([pad_id] * (len(prompt) - 2)), prompt[-1]]
+
+
 def guidance_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional rows (the prompts) then unconditional rows, left-padded: ids (2B, T), attention mask (2B, T).
 
@@ -510,7 +570,7 @@ def guidance_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.
     for i, p in enumerate(prompts):
         n = len(p)
         ids[i, T - n:] = torch.tensor(list(p))
-        ids[B + i, T - n], ids[B + i, T - 1] = p[0], p[-1]
+        ids[B + i, T - n:] = torch.tensor(unconditional_prompt(p, pad_id))
         mask[i, T - n:] = mask[B + i, T - n:] = 1
     return ids, mask
 

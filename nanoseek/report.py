@@ -180,7 +180,9 @@ def build_report(root: Path, plan: Any, results: dict[str, dict[str, Any]], timi
                                       gpu_hours_per_trillion=180000, extra_gpu_hours=[119e3, 5e3])
         rep["v3_scale"] = {"tokens": tokens, "gpu_hours": v3["total_gpu_hours"], "usd": v3["total_cost_usd"],
                            "real_gpu_hours": full["total_gpu_hours"], "real_usd": full["total_cost_usd"]}
-    rep["verdicts"] = verdicts(rep)
+    if any(k.startswith("janus_") for k in results):
+        rep["janus"] = janus_report(root, results, seed)
+    rep["verdicts"] = verdicts(rep) + janus_verdicts(rep)
     rep["timings"] = _timings(root, timings)
     rep["environment"] = environment()
     return rep
@@ -481,6 +483,8 @@ def render(rep: dict[str, Any], root: Path) -> str:
                 L += [f"**{s['prompt']}** (answer {s['answer']}; {'correct' if s['greedy_correct'] else 'wrong'})",
                       "", "```", (s["greedy_text"] or "").strip()[:800], "```", ""]
 
+    L += janus_markdown(rep)
+
     v3 = rep.get("v3_scale")
     if v3:
         L += ["## The same recipe at DeepSeek-V3 scale", "",
@@ -519,5 +523,185 @@ def write_report(root: Path, plan: Any, results: dict[str, dict[str, Any]], timi
             shutil.copyfile(root / src, out / dst)
     if rep["eval"]:
         accuracy_chart(rep["eval"], out / "accuracy.png", plan.eval_k)
+    j = rep.get("janus", {})
+    for src, dst in (("janus/run/loss.png", "janus-train.png"), ("janus/eval/geneval/grid.png", "janus-grid.png")):
+        if (root / src).exists():
+            shutil.copyfile(root / src, out / dst)
+    if j.get("guidance"):
+        janus_guidance_chart(j["guidance"], out / "janus-guidance.png")
     path = atomic_write(out / "report.md", render(rep, root))
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the mini Janus (the demo's janus_* stages, nanoseek.janus_experiment)
+
+JANUS_VERIFIER_MIN = 0.98  # the issue's bar: below it the generation score measures the checker, not the model
+
+
+def _janus_pair(root: Path, a: str, b: str, seed: int) -> dict[str, Any] | None:
+    """b - a over the same items (per-item pass@1 of two items.jsonl files under OUT)."""
+    fa, fb = root / a, root / b
+    if not (fa.exists() and fb.exists()):
+        return None
+    d = paired_difference(per_item(read_jsonl(fa)), per_item(read_jsonl(fb)), seed=seed, reps=BOOTSTRAP_REPS)
+    return {"mean": d["mean"], "ci": list(d["ci"]), "n": d["n"]}
+
+
+def janus_report(root: Path, results: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The Janus part's numbers: the world, the VQ, training, the evaluation and its paired comparisons."""
+    rep: dict[str, Any] = {k.removeprefix("janus_"): results[k] for k in ("janus_data", "janus_vq", "janus_train")
+                           if k in results}
+    ev = results.get("janus_eval")
+    if not ev:
+        return rep
+    g, v, d = ev["geneval"], ev["vqa"], ev["dir"]
+    rep["geneval"] = {k: g[k] for k in ("n_items", "cfg_weight", "temperature", "categories", "overall",
+                                        "geneval_overall", "baselines", "grid_prompts") if k in g}
+    rep["vqa"] = {k: v[k] for k in ("n_items", "encoder", "kinds", "overall", "baselines") if k in v}
+    rep["guidance"] = {w: {k: c[k] for k in ("overall", "geneval_overall", "categories")}
+                       for w, c in ev["guidance"].items()}
+    cw = f"{g['cfg_weight']:g}"
+    low = min(ev["guidance"], key=float)
+    rep["comparisons"] = {
+        "model-vs-shuffled": _janus_pair(root, f"{d}/geneval/baselines/shuffled/items.jsonl",
+                                         f"{d}/geneval/items.jsonl", seed),
+        "model-vs-majority": _janus_pair(root, f"{d}/vqa/baselines/majority/items.jsonl", f"{d}/vqa/items.jsonl",
+                                         seed),
+        "guidance-vs-none": None if low == cw else {
+            **(_janus_pair(root, ev["guidance"][low]["items"], ev["guidance"][cw]["items"], seed) or {}),
+            "weights": [float(low), float(cw)]}}
+    return rep
+
+
+def janus_verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Janus part's judgements, each from a stated rule over report.json's numbers."""
+    j = rep.get("janus", {})
+    if "geneval" not in j:
+        return []
+    out = []
+    ver = j["geneval"]["baselines"]["verifier_on_ground_truth"]["overall"]
+    ok = ver["pass@1"] >= JANUS_VERIFIER_MIN
+    out.append({"id": "janus-verifier-valid", "holds": ok, "outcome": "yes" if ok else "no",
+                "text": f"The image verifier {'is' if ok else 'is not'} trustworthy on this world: "
+                        f"{_pct(ver['pass@1'])} correct on {ver['n']} freshly rendered ground-truth images of the "
+                        "test prompts" + ("" if ok else ", so the generation scores below measure the checker too")
+                        + ".",
+                "rule": f"verifier accuracy on fresh ground truth >= {100 * JANUS_VERIFIER_MIN:.0f}% (the mini-Janus "
+                        "issue's bar)", "numbers": {"accuracy": ver["pass@1"], "n": ver["n"]}})
+
+    def paired(vid: str, d: dict[str, Any] | None, yes: str, no: str, what: str) -> None:
+        rule = (f"paired 95% bootstrap CI ({BOOTSTRAP_REPS:,} resamples, nanoseek.stats.paired_difference) of the "
+                f"per-item difference, {what}, lies above 0; threshold 0, 95% by convention")
+        if not d or "mean" not in d:
+            out.append({"id": vid, "holds": None, "outcome": "not judged", "text": f"{yes}: not judged.",
+                        "rule": rule})
+            return
+        nums = f"{_pts(d['mean'])} points (95% CI {_pts(d['ci'][0])} to {_pts(d['ci'][1])}, {d['n']} items)"
+        holds = d["ci"][0] > 0
+        outcome = "yes" if holds else "worse" if d["ci"][1] < 0 else "no measurable difference"
+        text = f"{yes}: {nums}." if holds else f"{no}: {nums}" + (" — worse." if outcome == "worse" else ".")
+        out.append({"id": vid, "holds": holds, "outcome": outcome, "text": text, "rule": rule, "numbers": d})
+
+    c = j["comparisons"]
+    paired("janus-follows-prompts", c["model-vs-shuffled"],
+           "The mini Janus' images follow their prompts: it beat images drawn for shuffled prompts",
+           "The mini Janus' images are not shown to follow their prompts better than images drawn for shuffled "
+           "prompts", "model - shuffled-prompt images, scored against the same prompts")
+    paired("janus-understands", c["model-vs-majority"],
+           "The mini Janus reads the images: it beat the majority-answer guesser that sees only the question",
+           "The mini Janus is not shown to read the images better than a majority-answer guesser",
+           "model - majority answer, over the same questions")
+    g = c.get("guidance-vs-none") or {}
+    w = g.get("weights", [1.0, j["geneval"]["cfg_weight"]])
+    paired("janus-guidance-helps", g, f"Classifier-free guidance (w = {w[1]:g}) improved the score over w = {w[0]:g}",
+           f"Guidance w = {w[1]:g} is not shown to improve the score over w = {w[0]:g}",
+           f"w = {w[1]:g} - w = {w[0]:g}, same prompts and sampling seeds")
+    return out
+
+
+def janus_markdown(rep: dict[str, Any]) -> list[str]:
+    """The report card's mini Janus section (empty without the Janus part)."""
+    j = rep.get("janus")
+    if not j:
+        return []
+    L = ["## Mini Janus: a unified image understander and generator trained from scratch", ""]
+    t, data, vq = j.get("train"), j.get("data"), j.get("vq")
+    if data:
+        L += [f"World: {data['scenes']:,} training scenes of 32 x 32 images with 1-3 coloured shapes "
+              f"({data['questions']:,} questions); held-out colour-shape pairings "
+              f"{', '.join(' '.join(p) for p in data['world']['holdout'])} appear only in the test prompts.", ""]
+    if vq:
+        L += [f"VQ tokenizer (frozen afterwards): {vq['steps']} steps, reconstruction loss {vq['rec_loss']:.4f}, "
+              f"codebook perplexity {vq['perplexity']:.0f}, {100 * vq['codes_alive']:.0f}% of codes alive.", ""]
+    if t:
+        L += [f"The model: the `janus-mini` preset, a DeepSeek-V3 trunk (MLA + DeepSeekMoE) between a ViT "
+              f"understanding encoder and the VQ's generation path; {t['params']:,} parameters ({t['trainable']:,} "
+              f"trained; the VQ is frozen). {t['steps']} of {t['planned_steps']} steps; losses over the first -> last "
+              f"{t['steps_averaged']} steps: image tokens {t['t2i_first']:.2f} -> {t['t2i_last']:.2f}, answers "
+              f"{t['und_first']:.2f} -> {t['und_last']:.2f}, captions {t['text_first']:.2f} -> {t['text_last']:.2f}.",
+              "", "![janus training](janus-train.png)", ""]
+    g = j.get("geneval")
+    if g:
+        b = g["baselines"]
+        cols = [("model", g), ("shuffled prompts", b["shuffled_prompts"]), ("VQ ceiling", b["vq_ceiling"]),
+                ("verifier on ground truth", b["verifier_on_ground_truth"])]
+        L += [f"### Text to image, GenEval-style ({g['n_items']} held-out prompts, guidance {g['cfg_weight']:g})",
+              "", "| category | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+        for cat in g["categories"]:
+            L.append(f"| {cat} | " + " | ".join(
+                f"{_pct(x['categories'][cat]['pass@1'])} ({_ci(x['categories'][cat]['ci'])})"
+                if cat in x["categories"] else "—" for _, x in cols) + " |")
+        L.append("| **overall** | " + " | ".join(f"{_pct(x['overall']['pass@1'])} ({_ci(x['overall']['ci'])})"
+                                                for _, x in cols) + " |")
+        L += ["", "95% Wilson intervals. *Shuffled prompts*: images generated for another held-out prompt, scored "
+              "against this one (what ignoring the prompt scores). *VQ ceiling*: the verifier on ground-truth images "
+              "after a VQ round trip (what the tokenizer allows). *Verifier on ground truth*: the checker itself.", "",
+              "![generated images](janus-grid.png)", "",
+              "One row per category, its first held-out prompts left to right; the first column: "
+              + "; ".join(f"{c}: *{ps[0]}*" for c, ps in g.get("grid_prompts", {}).items() if ps) + ".", ""]
+    v = j.get("vqa")
+    if v:
+        m = v.get("baselines", {}).get("majority_answer", {})
+        L += [f"### Understanding ({v['n_items']} questions on held-out scenes, through the {v['encoder'].upper()})",
+              "", "| question | model | majority-answer guesser |", "|---|---|---|"]
+        for k, e in v["kinds"].items():
+            mk = m.get("kinds", {}).get(k)
+            L.append(f"| {k} | {_pct(e['pass@1'])} ({_ci(e['ci'])}) | "
+                     + (f"{_pct(mk['pass@1'])} ({_ci(mk['ci'])})" if mk else "—") + " |")
+        L.append(f"| **overall** | {_pct(v['overall']['pass@1'])} ({_ci(v['overall']['ci'])}) | "
+                 + (f"{_pct(m['overall']['pass@1'])} ({_ci(m['overall']['ci'])})" if m else "—") + " |")
+        L.append("")
+    if j.get("guidance"):
+        L += ["### Guidance", "", "| guidance weight | " + " | ".join(j["guidance"]) + " |",
+              "|---|" + "---|" * len(j["guidance"]),
+              "| accuracy (95% CI) | " + " | ".join(f"{_pct(c['overall']['pass@1'])} ({_ci(c['overall']['ci'])})"
+                                                  for c in j["guidance"].values()) + " |", "",
+              "![guidance curve](janus-guidance.png)", "",
+              "The full sweep (1-10) and what too much guidance draws: docs/findings/janus.md.", ""]
+    return L
+
+
+def janus_guidance_chart(guidance: dict[str, Any], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [float(w) for w in guidance]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    y = [100 * c["overall"]["pass@1"] for c in guidance.values()]
+    err = [[100 * (c["overall"]["pass@1"] - c["overall"]["ci"][0]) for c in guidance.values()],
+           [100 * (c["overall"]["ci"][1] - c["overall"]["pass@1"]) for c in guidance.values()]]
+    ax.errorbar(ws, y, yerr=err, fmt="o-", capsize=4, color="black", label="overall")
+    for cat in next(iter(guidance.values()))["categories"]:
+        ax.plot(ws, [100 * c["categories"][cat]["pass@1"] for c in guidance.values()], lw=1, alpha=0.7, label=cat)
+    ax.set_xlabel("guidance weight")
+    ax.set_ylabel("GenEval-style accuracy (%)")
+    ax.set_xticks(ws)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

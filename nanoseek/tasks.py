@@ -148,6 +148,11 @@ class Task:
     def correct(self, item: dict[str, Any], output: Any) -> bool:
         return self.verify(item, output) >= 1.0  # NaN (unverifiable) is not correct
 
+    def group(self, item: dict[str, Any]) -> str | None:
+        """The group an item is reported under (GenEval's categories, a question's kind): eval adds each group's
+        accuracy with a Wilson interval. None: no groups."""
+        return None
+
     def normalize(self, output: Any) -> str | None:
         """The comparable answer of an output, for majority voting; None: no answer (never the majority). Text:
         the last `<answer>` after the reasoning, whitespace collapsed; images: None unless the task says."""
@@ -276,11 +281,107 @@ class JsonlTask(Task):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# built-in tasks: the shapes world of the mini Janus (nanoseek.shapes: items, scenes and the verifier)
+
+
+class ShapesTask(Task):
+    """A task on the shapes world (docs/janus.md "Mini Janus"): options `world` = a world.json or a directory
+    holding one (default: the default world, 32 x 32). Items are generated, the test split on held-out
+    colour-shape pairings (composition-disjoint from training)."""
+
+    held_out = True
+    instruction = ""  # Janus' own prompt formats, no <answer> tags
+    formats = ("chat",)
+
+    def __init__(self, world: str | os.PathLike | None = None) -> None:
+        from . import shapes
+
+        self.world = shapes.load_config(world)
+
+    def group(self, item: dict[str, Any]) -> str | None:
+        return item.get("category")
+
+    def scenes(self, split: str, n: int | None, seed: int) -> list[dict[str, Any]]:
+        from . import shapes
+
+        if n is None:
+            raise ValueError(f"task {self.name} generates its items: give how many (n)")
+        return shapes.make_items(self.world, split, n, seed)
+
+
+class ShapesGenevalTask(ShapesTask):
+    """Text-to-image, scored GenEval-style (Ghosh et al. 2023): a prompt in one of six categories, an image,
+    nanoseek.shapes' rule-based detector checking the prompt's requirement. Items come in the categories' order, so
+    n = 6k gives k of each."""
+
+    name = "shapes-geneval"
+    output = "image"
+    required = ("requirement", "category")
+
+    def items(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        return self.scenes(split, n, seed)
+
+    @property
+    def verifier_name(self) -> str:
+        return "shapes.score_image"
+
+    def verify(self, item: dict[str, Any], output: Any) -> float:
+        from . import shapes
+
+        return 1.0 if shapes.score_image(item["requirement"], output, self.world)["correct"] else 0.0
+
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                 "eight", "nine"))}
+
+
+class ShapesVQATask(ShapesTask):
+    """Questions about a picture of the world with one-word answers (how many X, what colour is the X, is X left of
+    Y), each item one question about one scene (its `objects`, rendered by `image`); grouped by kind."""
+
+    name = "shapes-vqa"
+    output = "text"
+    required = ("answer", "objects")
+
+    def items(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        # every scene has >= 1 question, so n scenes hold >= n questions (make_items extends a shorter list)
+        out = []
+        for sc in self.scenes(split, n, seed):
+            for q in sc["questions"]:
+                out.append({"id": f"{sc['id']}-{q['kind']}", "prompt": q["question"], "answer": q["answer"],
+                            "kind": q["kind"], "category": sc["category"], "objects": sc["objects"],
+                            "scene": sc["id"]})
+        return out[:n]
+
+    def group(self, item: dict[str, Any]) -> str | None:
+        return item.get("kind")
+
+    def image(self, item: dict[str, Any]) -> Any:
+        """The item's picture, (S, S, 3) uint8."""
+        from . import shapes
+
+        return shapes.render(item["objects"], self.world)
+
+    def normalize(self, output: str) -> str | None:
+        """The first word, lower-case, without punctuation, number words as digits ("Two." -> "2")."""
+        words = output.strip().lower().split()
+        if not words:
+            return None
+        w = words[0].strip(".,!?;:'\"")
+        return NUMBER_WORDS.get(w, w) or None
+
+    def verify(self, item: dict[str, Any], output: str) -> float:
+        return 1.0 if self.normalize(output) == str(item["answer"]).lower() else 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the registry
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
     "countdown": CountdownTask,
+    "shapes-geneval": ShapesGenevalTask,
+    "shapes-vqa": ShapesVQATask,
 }
 
 

@@ -42,8 +42,10 @@ def test_demo_fast_runs_every_stage_and_resumes(two_fast_demos, capsys):
     report = (tmp_path / "report" / "report.md").read_text()
     for section in ("## What the numbers say", "## Environment", "## The model", "## Pretraining", "## GRPO",
                     "## Distillation vs RL on the student", "## Held-out accuracy",
-                    "## The same recipe at DeepSeek-V3 scale"):
+                    "## The same recipe at DeepSeek-V3 scale", "## Mini Janus", "### Guidance"):
         assert section in report
+    for png in ("janus-grid.png", "janus-guidance.png", "janus-train.png"):
+        assert (tmp_path / "report" / png).exists()
     for name in ("base", "rl", "student-base", "student-rl", "student"):
         assert load(tmp_path / "models" / name) is not None
     assert (tmp_path / "report" / "accuracy.png").exists()
@@ -63,7 +65,10 @@ def test_demo_fast_gives_the_same_numbers_on_every_run(two_fast_demos):
     rep = json.loads(reports[0])
     assert len(rep["models"]) == 5 and not rep["time_limited"]  # same weights too: their hashes are in the report
     assert set(rep["stages_done"]) == {"data", "pretrain", "rl", "student_pretrain", "student_rl", "traces",
-                                       "student_distill", "eval"}
+                                       "student_distill", "eval", "janus_data", "janus_vq", "janus_train",
+                                       "janus_eval"}
+    assert {"janus-verifier-valid", "janus-follows-prompts", "janus-understands", "janus-guidance-helps"} <= \
+        {v["id"] for v in rep["verdicts"]}
     for v in rep["verdicts"]:  # every judgement carries its rule
         assert v["rule"] and v["text"] and v["holds"] in (True, False, None)
 
@@ -74,6 +79,11 @@ def test_demo_stage_selection_fails_before_any_work(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path / "b"), "--only", "eval"]) == 2
     assert "needs 'pretrain'" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "b" / "data").exists()
+    # `janus` names the Janus part's four stages
+    assert main(["demo", "--fast", "--out", str(tmp_path / "c"), "--only", "janus_eval"]) == 2
+    assert "needs 'janus_train'" in " ".join(capsys.readouterr().err.split())
+    assert main(["demo", "--fast", "--out", str(tmp_path / "d"), "--skip", "janus,nope"]) == 2
+    assert "unknown stage 'nope'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_user_errors_exit_2_with_one_line(capsys):
