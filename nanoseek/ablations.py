@@ -159,16 +159,16 @@ class MTPConfig(AblationConfig):
 def stage_data(r: StageRun, cfg: AblationConfig) -> dict[str, Any]:
     """The demo's data stage (corpus, tokenizer, token shards), plus held-out documents in the same chat format
     from the task's test split, for the validation loss."""
-    from . import synthetic
     from .data import prepare
+    from .tasks import get_task
     from .tokenizer import Tokenizer
 
     res = demo_stage_data(r, cfg.demo_plan())
     d = r.root / "data"
     tok = Tokenizer.load(d / "tokenizer")
-    items = synthetic.generate(cfg.task, cfg.val_docs, "test", derive_seed(cfg.seed, "val", bits=31),
-                               **cfg.task_options)
-    atomic_write_jsonl(d / "val_chat.jsonl", [{"text": chat_document(it, tok)} for it in items])
+    task = get_task(cfg.task, **cfg.task_options)
+    items = task.items("test", cfg.val_docs, derive_seed(cfg.seed, "val", bits=31))
+    atomic_write_jsonl(d / "val_chat.jsonl", [{"text": chat_document(it, tok, task)} for it in items])
     manifest = prepare([d / "val_chat.jsonl"], d / "tokenizer", d / "val_tokens", overwrite=True)
     return {**res, "val_documents": len(items), "val_tokens": manifest["total_tokens"]}
 
@@ -511,19 +511,18 @@ def speculative(model_dir: Path, cfg: MTPConfig, console: Console | None = None)
     """The MTP module as the draft (k = 1, V3 §5.4.3) on held-out prompts: acceptance and tokens per step, greedy
     and at the evaluation's T 0.6 / top_p 0.95, and whether greedy speculative outputs equal plain decoding's (they
     must). Then tokens per second at batch 1, plain vs speculative, under "timed" (wall clock: varies with load)."""
-    from . import synthetic
     from .device import resolve_device, resolve_dtype
     from .infer import Engine, SamplingParams
-    from .rl import format_prompt
+    from .tasks import get_task
     from .tokenizer import Tokenizer
     from .weights import load
 
     device = resolve_device(cfg.device)
     model = load(model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
     tok = Tokenizer.load(model_dir)
-    items = synthetic.generate(cfg.task, cfg.spec_prompts, "test", derive_seed(cfg.seed, "speculative", bits=31),
-                               **cfg.task_options)
-    prompts = [format_prompt(it, tok, "chat") for it in items]
+    task = get_task(cfg.task, **cfg.task_options)
+    items = task.items("test", cfg.spec_prompts, derive_seed(cfg.seed, "speculative", bits=31))
+    prompts = [task.encode_prompt(it, tok, "chat") for it in items]
     max_len = max(map(len, prompts)) + cfg.max_new_tokens + 1
     out: dict[str, Any] = {"prompts": len(prompts), "draft_tokens": 1}
     for mode, temperature in (("greedy", 0.0), ("sampled", 0.6)):
