@@ -122,11 +122,12 @@ class MoEBalanceConfig(AblationConfig):
 class MTPConfig(AblationConfig):
     out: str = "runs/mtp"
     # the demo's student shape: in docs/LOG.md it reached 70% held-out pass@1 in 1,200 steps of this recipe, where
-    # the base needs ~600 steps at 4x the step time; at 1,000 steps it leaves room above and below
+    # the base needs ~600 steps at 4x the step time. 800 steps: all six runs within 20 minutes (1,000 steps took
+    # 0.25 s each with one thread, ~24 minutes in all)
     preset: str = _DEMO.student_preset
     model_overrides: dict[str, Any] = field(default_factory=lambda: dict(_DEMO.student_overrides))
-    steps: int = 1000
-    eval_every: int = 100
+    steps: int = 800
+    eval_every: int = 80
     mtp_lambda: float = 0.3  # V3 §4.2: 0.3 for the first 10T tokens
     # held-out accuracy through nanoseek.eval with the demo's protocol (chat prompts, R1's T 0.6 / top_p 0.95)
     eval_n: int = 200
@@ -139,7 +140,7 @@ class MTPConfig(AblationConfig):
     # one thread: the tiny model's matrices gain little from a second one, and on a shared 2-core machine two
     # OpenMP threads made its steps 30x slower (5 s instead of 0.16 s: they wait for each other's core)
     threads: int | None = 1
-    step_s: float = 0.2
+    step_s: float = 0.22
 
     def __post_init__(self) -> None:
         if self.fast:
