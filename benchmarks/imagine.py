@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import save_pretrained  # noqa: E402
-from nanoseek.janus import Janus, generate_image_tokens, janus_preset  # noqa: E402
+from nanoseek.infer import generate_image_tokens  # noqa: E402
+from nanoseek.janus import Janus, janus_preset  # noqa: E402
 
 
 def build(layers: int, seed: int = 0) -> Janus:

@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .infer import run_generate
+    from .generate import run_generate
 
     if args.image is not None:  # Janus: a question about an image
         from .imagine import run_understand

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .janus import Janus, JanusConfig, VisionConfig, VQConfig, VQModel, generate_image_tokens
+from .infer import generate_image_tokens
+from .janus import Janus, JanusConfig, VisionConfig, VQConfig, VQModel
 from .weights import CheckpointError, config_from_hf, config_to_hf, copy_checked, dominant_dtype, read_hf_state_dict
 from .weights import from_hf_state_dict as lm_from_hf
 from .weights import to_hf_state_dict as lm_to_hf
@@ -622,9 +623,9 @@ def run_imagine(model_dir: str | Path, prompt: str, out: str | Path, *, n: int =
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    from .janus import _check_sampling
+    from .janus import check_guidance
 
-    _check_sampling(cfg_weight, temperature)
+    check_guidance(cfg_weight, temperature)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

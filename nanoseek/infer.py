@@ -13,18 +13,16 @@ import contextlib
 import itertools
 import math
 import os
-import sys
 import threading
-import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .janus import Janus, check_guidance, guidance_rows, guided_next_tokens
 from .model import KVCache, Transformer
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
@@ -1075,62 +1073,51 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     return engine.generate([prompt_ids], params)[0].token_ids
 
 
-def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
-                 max_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, speculative: int = 0, chat: bool = False,
-                 ignore_eos: bool = False, compile: bool | None = None, dtype: str = "auto",
-                 device: str | None = None) -> int:
-    """`nanoseek generate`: load an HF-format directory (and its tokenizer, if any), stream the completion to
-    stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr. device None: the default
-    device (nanoseek.device); dtype: weights and KV cache ("auto": bf16 on CUDA, fp32 on a CPU)."""
-    import json
+# ----------------------------------------------------------------------------------------------------------------
+# Janus image generation on the same decode path (classifier-free guidance rows: nanoseek.janus.guidance_rows)
 
-    from . import load  # any model directory: a Janus one too (its LLM generates below)
-    from .device import resolve_device, resolve_dtype
 
-    model_dir = Path(model_dir)
-    dev = resolve_device(device)
-    model = load(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
-    if not isinstance(model, Transformer):  # a Janus directory: text in, text out through its LLM
-        model = model.language_model
-    tokenizer = None
-    if (model_dir / "tokenizer.json").is_file():
-        from .tokenizer import Tokenizer
+class _ImageTokenEmbed(nn.Module):
+    """(B, 1) image-token ids -> (B, 1, D) trunk inputs: the decode step's embedding for image generation."""
 
-        tokenizer = Tokenizer.load(model_dir)
-    if prompt_ids is None:
-        if prompt is None:
-            raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
-        if tokenizer is None:
-            raise ValueError(f"no tokenizer.json in {model_dir}: pass --prompt-ids instead of --prompt")
-        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
-            else tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
-    else:
-        ids = list(prompt_ids)
-    gen_cfg: dict[str, Any] = {}
-    if (model_dir / "generation_config.json").is_file():
-        gen_cfg = json.loads((model_dir / "generation_config.json").read_text())
-    params = SamplingParams(
-        max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos,
-        temperature=temperature if temperature is not None else gen_cfg.get("temperature", 1.0),
-        top_p=top_p if top_p is not None else gen_cfg.get("top_p", 1.0))
-    engine = Engine(model, tokenizer, max_batch=1, max_model_len=min(len(ids) + max_tokens,
-                                                                      model.config.max_position_embeddings),
-                    num_speculative_tokens=speculative, compile=compile)
-    engine.add_request(ids, params)
-    t0 = time.perf_counter()
-    final = None
-    while engine.has_work():
-        for d in engine.step():
-            sys.stdout.write(d.text if tokenizer is not None else "".join(f"{t} " for t in d.token_ids))
-            sys.stdout.flush()
-            final = d
-    dt = time.perf_counter() - t0
-    assert final is not None
-    s = engine.stats
-    line = (f"\n[{final.completion_tokens} tokens in {dt:.2f}s, {final.completion_tokens / dt:.1f} tok/s, "
-            f"finish_reason={final.finish_reason}")
-    if speculative:
-        line += f", MTP acceptance {s.acceptance_rate:.0%}, {s.tokens_per_verify:.2f} tokens/step"
-    print(line + "]", file=sys.stderr)
-    return 0
+    def __init__(self, model: Janus):
+        super().__init__()
+        self.generation_embeddings, self.generation_aligner = model.generation_embeddings, model.generation_aligner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.generation_aligner(self.generation_embeddings(ids))
+
+
+@torch.inference_mode()
+def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg_weight: float = 5.0,
+                          temperature: float = 1.0, seed: int | None = None, num_tokens: int | None = None,
+                          progress: Callable[[int, int], None] | None = None,
+                          compile: bool | None = None) -> torch.Tensor:
+    """Sample image tokens (B, num_tokens) for B prompts (each ending with <begin_of_image>), two rows per image
+    through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token,
+    on the engine's decode path (`DecodeStep`: compiled when `compile`, None = when it pays for the model's
+    size). Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
+    check_guidance(cfg_weight, temperature)
+    cfg, lm = model.config, model.language_model
+    N = num_tokens or cfg.num_image_tokens
+    param = next(model.parameters())
+    ids, mask = (t.to(param.device) for t in guidance_rows(prompts, cfg.pad_token_id))
+    B, T = len(prompts), ids.shape[1]
+    if cfg.text.max_position_embeddings < T + N:
+        raise ValueError(f"prompt ({T} tokens) + {N} image tokens exceed the context "
+                         f"({cfg.text.max_position_embeddings})")
+    g = torch.Generator(param.device).manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+    cache = KVCache(cfg.text, 2 * B, T + N, param.device, param.dtype)
+    am = None if bool(mask.all()) else mask
+    h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
+    step = DecodeStep(lm, _ImageTokenEmbed(model), model.generation_head,
+                      compile=compile_pays(lm) if compile is None else compile)
+    logits = model.generation_head(h[:, -1]).float()
+    out = torch.zeros(B, N, dtype=torch.long, device=param.device)
+    for i in range(N):
+        out[:, i] = tok = guided_next_tokens(logits, B, cfg_weight, temperature, g)
+        if progress is not None:
+            progress(i + 1, N)
+        if i + 1 < N:
+            logits = step.run(tok.repeat(2)[:, None], cache, T + i + 1)
+    return out

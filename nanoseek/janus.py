@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KVCache, ModelConfig, Transformer
+from .model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -575,7 +575,7 @@ def guidance_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.
     return ids, mask
 
 
-def _next_tokens(logits: torch.Tensor, B: int, cfg_weight: float, temperature: float,
+def guided_next_tokens(logits: torch.Tensor, B: int, cfg_weight: float, temperature: float,
                  generator: torch.Generator) -> torch.Tensor:
     cond, uncond = logits[:B].float(), logits[B:].float()
     x = uncond + cfg_weight * (cond - uncond)  # Janus eq. for CFG: l_g = l_u + s (l_c - l_u)
@@ -584,59 +584,11 @@ def _next_tokens(logits: torch.Tensor, B: int, cfg_weight: float, temperature: f
     return torch.multinomial(torch.softmax(x / temperature, dim=-1), 1, generator=generator)[:, 0]
 
 
-def _check_sampling(cfg_weight: float, temperature: float) -> None:
+def check_guidance(cfg_weight: float, temperature: float) -> None:
     if not cfg_weight >= 1 or math.isinf(cfg_weight):
         raise ValueError(f"the guidance weight (--cfg) must be >= 1 (1 = no guidance), got {cfg_weight}")
     if not temperature >= 0 or math.isinf(temperature):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-
-
-class _ImageTokenEmbed(nn.Module):
-    """(B, 1) image-token ids -> (B, 1, D) trunk inputs: the decode step's embedding for image generation."""
-
-    def __init__(self, model: Janus):
-        super().__init__()
-        self.generation_embeddings, self.generation_aligner = model.generation_embeddings, model.generation_aligner
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.generation_aligner(self.generation_embeddings(ids))
-
-
-@torch.inference_mode()
-def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg_weight: float = 5.0,
-                          temperature: float = 1.0, seed: int | None = None, num_tokens: int | None = None,
-                          progress: Callable[[int, int], None] | None = None,
-                          compile: bool | None = None) -> torch.Tensor:
-    """Sample image tokens (B, num_tokens) for B prompts (each ending with <begin_of_image>), two rows per image
-    through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token,
-    on the engine's decode path (`infer.DecodeStep`: compiled when `compile`, None = when it pays for the model's
-    size). Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
-    from .infer import DecodeStep, compile_pays
-
-    _check_sampling(cfg_weight, temperature)
-    cfg, lm = model.config, model.language_model
-    N = num_tokens or cfg.num_image_tokens
-    param = next(model.parameters())
-    ids, mask = (t.to(param.device) for t in guidance_rows(prompts, cfg.pad_token_id))
-    B, T = len(prompts), ids.shape[1]
-    if cfg.text.max_position_embeddings < T + N:
-        raise ValueError(f"prompt ({T} tokens) + {N} image tokens exceed the context "
-                         f"({cfg.text.max_position_embeddings})")
-    g = torch.Generator(param.device).manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-    cache = KVCache(cfg.text, 2 * B, T + N, param.device, param.dtype)
-    am = None if bool(mask.all()) else mask
-    h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
-    step = DecodeStep(lm, _ImageTokenEmbed(model), model.generation_head,
-                      compile=compile_pays(lm) if compile is None else compile)
-    logits = model.generation_head(h[:, -1]).float()
-    out = torch.zeros(B, N, dtype=torch.long, device=param.device)
-    for i in range(N):
-        out[:, i] = tok = _next_tokens(logits, B, cfg_weight, temperature, g)
-        if progress is not None:
-            progress(i + 1, N)
-        if i + 1 < N:
-            logits = step.run(tok.repeat(2)[:, None], cache, T + i + 1)
-    return out
 
 
 @torch.inference_mode()
@@ -654,7 +606,7 @@ def generate_image_tokens_reference(model: Janus, prompts: Sequence[Sequence[int
     out = torch.zeros(B, N, dtype=torch.long, device=param.device)
     for i in range(N):
         h, _ = lm.trunk(None, inputs_embeds=x, attention_mask=None if bool(mask.all()) else mask)
-        out[:, i] = tok = _next_tokens(model.generation_head(h[:, -1]), B, cfg_weight, temperature, g)
+        out[:, i] = tok = guided_next_tokens(model.generation_head(h[:, -1]), B, cfg_weight, temperature, g)
         x = torch.cat([x, model.embed_image_tokens(tok.repeat(2))[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out

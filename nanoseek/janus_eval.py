@@ -1,7 +1,7 @@
 """A Janus on the shapes world, scored: `nanoseek eval --task shapes-geneval|shapes-vqa --model DIR`.
 
 Both run through nanoseek.eval.evaluate (the task's items, verifier and groups; per-item rows) with samplers that
-drive the Janus: images by classifier-free guidance (nanoseek.janus.generate_image_tokens, the sampler of `nanoseek
+drive the Janus: images by classifier-free guidance (nanoseek.infer.generate_image_tokens, the sampler of `nanoseek
 imagine`), answers by greedy decoding of the understanding prompt (the format of `nanoseek generate --image`), then
 add what an image benchmark needs around the model's number:
   shapes-geneval  per-category accuracy with Wilson 95% intervals over the held-out prompts (default 60 per category,
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .files import atomic_write, atomic_write_json, atomic_write_jsonl
-from .janus import Janus, generate_image_tokens
+from .infer import generate_image_tokens
+from .janus import Janus
 from .stats import derive_seed, wilson
 
 TASKS = ("shapes-geneval", "shapes-vqa")
@@ -52,7 +53,7 @@ class JanusEvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .janus import _check_sampling
+        from .janus import check_guidance
 
         if self.task not in TASKS:
             raise ValueError(f"a Janus is evaluated on {', '.join(TASKS)}, not {self.task!r}")
@@ -60,7 +61,7 @@ class JanusEvalConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        _check_sampling(self.cfg_weight, self.temperature)
+        check_guidance(self.cfg_weight, self.temperature)
 
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "float32") -> tuple[Janus, Any]:

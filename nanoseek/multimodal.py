@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from .imagine import IMAGE_TOKEN, UNDERSTANDING_SYSTEM, generation_prompt, preprocess, to_pil
-from .janus import Janus, generate_image_tokens
+from .infer import generate_image_tokens
+from .janus import Janus
 
 # declared type -> Pillow's format name; the bytes decide the format (a browser may label a JPEG .png), but only
 # these two are read: Janus' processor was tested on them and they cover cameras and screenshots

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, build, save_pretrained
-from nanoseek.infer import Engine, SamplingParams
-from nanoseek.janus import Janus, generate_image_tokens, generate_image_tokens_reference, janus_preset
+from nanoseek.infer import Engine, SamplingParams, generate_image_tokens
+from nanoseek.janus import Janus, generate_image_tokens_reference, janus_preset
 
 from .hf_ref import hf_model_from_dir, randomize_router_bias
 

@@ -31,14 +31,23 @@ ALLOWED_CPU_CALLS = {
     ("weights.py", "save_pretrained"): "model weights -> safetensors file",
     ("imagine.py", "save_janus"): "Janus weights -> safetensors file",
     ("imagine.py", "to_pil"): "decoded pixels -> numpy -> PIL images",
+    ("imagine.py", "write_janus"): "Janus weights -> safetensors file",
+    ("imagine.py", "write_vq"): "VQ weights -> safetensors file",
+    ("export.py", "gguf_tensors"): "model weights -> GGUF file (one tensor at a time)",
+    ("janus_train.py", "vq_tokens"): "the frozen VQ's token ids, computed once per run, kept as the host dataset",
+    ("minijanus.py", "train_vq"): "code ids -> the host table of each code's last use (dead-code restarts)",
 }
 # files are read into host memory, then copied into the model on its device (as safetensors files are)
 ALLOWED_HOST_READS = {
     ("weights.py", "_read_bin"): "torch.load(map_location='cpu') of a pytorch_model.bin",
+    ("export.py", "export_gguf"): "the model is read to host memory to be written as a GGUF file",
+    ("janus_train.py", "load_vq"): "the trained VQ read to the host; its weights are copied into the Janus",
+    ("minijanus.py", "_load_vq_into"): "a VQ checkpoint read to the host, copied into the VQ on its device",
 }
 # torch.Generator() without a device is a host generator; allowed where the draws are host-side on purpose
 ALLOWED_HOST_GENERATORS = {
     ("rl.py", "rl"): "mini-batch permutation of Python lists: identical on every device",
+    ("minijanus.py", "restart_dead_codes"): "which encoder outputs replace dead codes: host draws, device-independent",
 }
 
 
@@ -271,14 +280,14 @@ def test_inference_commands_carry_device_and_dtype(monkeypatch, tmp_path):
     import nanoseek.chat
     import nanoseek.demo
     import nanoseek.eval
-    import nanoseek.infer
+    import nanoseek.generate
     import nanoseek.serve
 
     _capture(monkeypatch, nanoseek.eval, "evaluate")
     cfg = _run(["eval", "--model", "m", *DEV])
     assert (cfg.device, cfg.dtype) == ("cpu", "bf16")
 
-    _capture(monkeypatch, nanoseek.infer, "run_generate")
+    _capture(monkeypatch, nanoseek.generate, "run_generate")
     kw = _run(["generate", "--model", "m", "--prompt-ids", "1", *DEV])
     assert (kw["device"], kw["dtype"]) == ("cpu", "bf16")
     assert _run(["generate", "--model", "m", "--prompt-ids", "1"])["dtype"] == "auto"

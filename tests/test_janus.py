@@ -13,11 +13,11 @@ import torch
 import nanoseek
 from nanoseek import ModelConfig, build, save_pretrained
 from nanoseek.imagine import janus_config_to_hf, preprocess, read_processor_config, to_pil
+from nanoseek.infer import generate_image_tokens
 from nanoseek.janus import (
     Janus,
     JanusConfig,
     VisionConfig,
-    generate_image_tokens,
     generate_image_tokens_reference,
     guidance_rows,
     janus_preset,

@@ -21,11 +21,13 @@ PLUGINS = Path(__file__).with_name("task_plugins.py")
 
 
 def test_registry_names_and_errors_that_name_the_known_tasks(tmp_path):
-    assert task_names() == ["arithmetic", "countdown"]
+    assert task_names() == ["arithmetic", "countdown", "shapes-geneval", "shapes-vqa"]
     for name in task_names():
         task = get_task(name)
-        assert isinstance(task, Task) and task.name == name and task.output == "text" and task.held_out
-    with pytest.raises(ValueError, match=r"task 'poetry' is neither a built-in task \(arithmetic, countdown\)"):
+        output = "image" if name == "shapes-geneval" else "text"  # the mini Janus' text-to-image task
+        assert isinstance(task, Task) and task.name == name and task.output == output and task.held_out
+    with pytest.raises(ValueError, match=r"task 'poetry' is neither a built-in task \(arithmetic, countdown, "
+                                         r"shapes-geneval, shapes-vqa\)"):
         get_task("poetry")
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist .*neither a built-in task"):
         get_task(str(tmp_path / "missing.jsonl"))
@@ -211,7 +213,7 @@ def _square(rgb):
 
 def test_an_image_output_task_verifies_images_and_goes_through_eval(tmp_path):
     task = get_task("tests.task_plugins:ColorSquares")
-    assert task.output == "image" and task_names() == ["arithmetic", "countdown"]
+    assert task.output == "image" and task_names() == ["arithmetic", "countdown", "shapes-geneval", "shapes-vqa"]
     red, green, blue = _square((230, 20, 30)), _square((10, 200, 40)), _square((0, 0, 255))
     grey = _square((128, 128, 128))
     item = task.items("test")[0]
