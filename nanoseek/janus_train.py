@@ -11,7 +11,8 @@ One model learns the shapes world (nanoseek.shapes) both ways, as Janus-Pro does
                   system prompt, <begin_of_image>, 64 image placeholders, <end_of_image>, the question), then
                   " {answer}" EOS as the target; the placeholders carry the ViT + aligner features ("vit":
                   decoupled, as Janus) or, for the paper's ablation, the image's own VQ tokens through the generation
-                  embeddings and aligner ("vq": one shared visual encoder).
+                  embeddings and aligner ("vq": one shared visual encoder). Half the rows ask "Describe the
+                  picture." and answer with the scene's full caption (image-caption pairs, as Janus' stage I/II).
   text            BOS caption EOS: plain language modelling.
 Each step draws all three (Janus-Pro stage III's ratio understanding : text : generation = 5 : 1 : 4, section 3.2)
 and the loss is the sum of the three means plus V3's sequence-wise balance loss; the router bias moves by V3
@@ -49,6 +50,7 @@ from .janus import Janus, JanusConfig, janus_preset, unconditional_prompt
 from .stats import derive_seed
 
 ENCODERS = ("vit", "vq")
+DESCRIBE = "Describe the picture."
 IMAGE_TOKENS = ("<image_placeholder>", "<begin_of_image>", "<end_of_image>")
 
 
@@ -68,6 +70,10 @@ class JanusTrainConfig:
     text_batch: int = 2
     t2i_batch: int = 8
     cfg_dropout: float = 0.1  # Janus: the prompt of a text-to-image sample becomes pads 10% of the time
+    # understanding rows that ask for a description (DESCRIBE -> the scene's full caption: every object's size,
+    # colour, shape and place, ~15 target tokens) instead of a one-word question: image-caption pairs, the bulk of
+    # Janus' understanding data, teach the encoder far more per image than a one-token answer
+    describe_frac: float = 0.5
     caption_frac: float = 0.5  # text-to-image prompts: the item's GenEval-style prompt, or its full caption
     # optimisation (TrainConfig's names: train.lr_at and train.build_optimizers read them)
     optimizer: str = "adamw"
@@ -112,8 +118,8 @@ class JanusTrainConfig:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.und_batch + self.text_batch + self.t2i_batch == 0:
             errors.append("the batch is empty: und_batch + text_batch + t2i_batch must be >= 1")
-        if not 0 <= self.cfg_dropout <= 1 or not 0 <= self.caption_frac <= 1:
-            errors.append("cfg_dropout and caption_frac must be in [0, 1]")
+        if not all(0 <= x <= 1 for x in (self.cfg_dropout, self.caption_frac, self.describe_frac)):
+            errors.append("cfg_dropout, caption_frac and describe_frac must be in [0, 1]")
         if self.max_steps < 1 or self.lr <= 0:
             errors.append("need max_steps >= 1 and lr > 0")
         try:
@@ -166,6 +172,7 @@ def world_texts(items: Sequence[dict[str, Any]]) -> list[str]:
         out += [user_turn(it["prompt"]), user_turn(it["caption"]), it["caption"]]
         # as the understanding prompt reads (the system prompt with every question), minus the image tokens
         out += [user_turn(q["question"], UNDERSTANDING_SYSTEM) + " " + q["answer"] for q in it.get("questions", [])]
+        out.append(user_turn(DESCRIBE, UNDERSTANDING_SYSTEM) + " " + it["caption"])
     return out
 
 
@@ -296,6 +303,7 @@ class WorldData:
     vq_ids: torch.Tensor  # (N, grid^2)
     gen_prompts: list[tuple[list[int], list[int]]]  # per item: (prompt, caption) generation prompts
     questions: list[tuple[int, list[int], int]]  # (item index, prompt + answer + EOS, answer start)
+    descriptions: list[tuple[int, list[int], int]]  # the same for DESCRIBE -> caption, one per item
     captions: list[list[int]]  # BOS caption EOS
 
 
@@ -313,8 +321,11 @@ def prepare_world(items: Sequence[dict[str, Any]], images: np.ndarray, world: An
         for q in it.get("questions", []):
             p = understanding_prompt(tok, cfg, q["question"])
             questions.append((i, p + tok.encode(" " + q["answer"]) + [tok.eos_id], len(p)))
+    describe = understanding_prompt(tok, cfg, DESCRIBE)
+    descriptions = [(i, describe + tok.encode(" " + it["caption"]) + [tok.eos_id], len(describe))
+                    for i, it in enumerate(items)]
     captions = [tok.encode(it["caption"], add_bos=True) + [tok.eos_id] for it in items]
-    return WorldData(world, list(items), pixels, vq_tokens(model, pixels), gen, questions, captions)
+    return WorldData(world, list(items), pixels, vq_tokens(model, pixels), gen, questions, descriptions, captions)
 
 
 @dataclass
@@ -338,7 +349,9 @@ def draw_batch(data: WorldData, cfg: JanusTrainConfig, step: int, pad_id: int) -
     drop = rng.random(cfg.t2i_batch) < cfg.cfg_dropout
     prompts = [data.gen_prompts[i][int(c)] for i, c in zip(idx, use_caption)]
     prompts = [unconditional_prompt(p, pad_id) if d else p for p, d in zip(prompts, drop)]
-    und = [data.questions[j] for j in rng.integers(len(data.questions), size=cfg.und_batch)]
+    describe = rng.random(cfg.und_batch) < cfg.describe_frac
+    und = [data.descriptions[rng.integers(len(data.descriptions))] if d
+           else data.questions[rng.integers(len(data.questions))] for d in describe]
     text = [data.captions[j] for j in rng.integers(len(data.captions), size=cfg.text_batch)]
     return Batch(idx, prompts, drop, und, text)
 
