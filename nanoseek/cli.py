@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -99,18 +100,25 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import NonFiniteLoss, TrainConfig, train
+    from .train import TrainConfig, train
 
     cfg = TrainConfig.from_sources(args.config, args.overrides, preset=args.preset, out=args.out,
                                    resume=True if args.resume else None, fsdp=True if args.fsdp else None,
                                    device=args.device, dtype=args.dtype)
+    return _training(train, cfg, lambda s: f"training {s['status']} at step {s['step']}; checkpoints, "
+                     f"metrics.jsonl and loss.png in [bold]{s['out']}[/]")
+
+
+def _training(run: Callable[[Any], dict], cfg: object, done: Callable[[dict], str]) -> int:
+    """A training command's ending: the summary line, or exit 3 with one error line when the loss went non-finite."""
+    from .train import NonFiniteLoss
+
     try:
-        summary = train(cfg)
+        summary = run(cfg)
     except NonFiniteLoss as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 3
-    Console().print(f"training {summary['status']} at step {summary['step']}; checkpoints, metrics.jsonl and "
-                    f"loss.png in [bold]{summary['out']}[/]")
+    Console().print(done(summary))
     return 0
 
 
@@ -187,18 +195,11 @@ def cmd_imagine(args: argparse.Namespace) -> int:
 
 def cmd_janus_train(args: argparse.Namespace) -> int:
     from .janus_train import JanusTrainConfig, train_janus
-    from .train import NonFiniteLoss
 
     cfg = JanusTrainConfig.from_sources(args.config, args.overrides, data=args.data, vq=args.vq, out=args.out,
                                         resume=True if args.resume else None, device=args.device, dtype=args.dtype)
-    try:
-        summary = train_janus(cfg)
-    except NonFiniteLoss as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        return 3
-    Console().print(f"mini Janus {summary['status']} at step {summary['step']}; model: [bold]{summary['model']}[/] "
-                    f"(nanoseek imagine / eval --task shapes-geneval / serve)")
-    return 0
+    return _training(train_janus, cfg, lambda s: f"mini Janus {s['status']} at step {s['step']}; model: "
+                     f"[bold]{s['model']}[/] (nanoseek imagine / eval --task shapes-geneval / serve)")
 
 
 def _add_janus_commands(sub: argparse._SubParsersAction) -> None:
