@@ -53,8 +53,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "demo": {"preset": "small", "vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 4,
              "intermediate_size": 384, "moe_intermediate_size": 64, "q_lora_rank": 96, "kv_lora_rank": 64,
              "num_nextn_predict_layers": 0},
-    # DeepSeek-V2-Lite's widths, heads, experts and vocabulary, 4 of its 27 layers (1 dense + 3 MoE)
-    "v2-lite-slice": {"preset": "deepseek-v2-lite", "num_hidden_layers": 4, "first_k_dense_replace": 1},
+    # DeepSeek-V2-Lite's widths, heads, experts and vocabulary, 4 of its 27 layers (1 dense + 3 MoE); with V2's
+    # q-LoRA (rank 1536) because llama.cpp loads a q-LoRA-free deepseek2 only at 26-27 layers
+    "v2-lite-slice": {"preset": "deepseek-v2-lite", "num_hidden_layers": 4, "first_k_dense_replace": 1,
+                      "q_lora_rank": 1536},
 }
 
 

@@ -177,6 +177,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, file_type: str = "f32
     if cfg.attention != "mla" or not cfg.has_moe:
         raise ValueError("GGUF export writes llama.cpp's deepseek2 architecture (MLA + DeepSeekMoE); this model is "
                          f"attention={cfg.attention!r}, n_routed_experts={cfg.n_routed_experts}")
+    if cfg.q_lora_rank is None and cfg.num_hidden_layers not in (26, 27):
+        # llama.cpp's deepseek2 loader recognises a model without q-LoRA (V2-Lite) by its layer count alone
+        # (src/models/deepseek2.cpp: is_lite = n_layer == 26 or 27) and otherwise requires q_lora_rank
+        raise ValueError(f"GGUF export: llama.cpp runs a deepseek2 model without q-LoRA (q_lora_rank null) only at 26 "
+                         f"or 27 layers (V2-Lite's), this one has {cfg.num_hidden_layers}")
     vocab = _vocab(tok_dir, cfg.vocab_size)  # checks the tokenizer before any tensor is converted
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
              "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[file_type]

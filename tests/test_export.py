@@ -138,6 +138,9 @@ def test_refuses_what_llama_cpp_would_run_differently(model_dir, tmp_path):
     save_pretrained(build("tiny-dense"), tmp_path / "dense", tokenizer=model_dir)
     with pytest.raises(ValueError, match="MLA \\+ DeepSeekMoE"):
         export_gguf(tmp_path / "dense", tmp_path / "dense.gguf")
+    save_pretrained(build(ModelConfig.from_preset("tiny", q_lora_rank=None)), tmp_path / "noq", tokenizer=model_dir)
+    with pytest.raises(ValueError, match="without q-LoRA"):  # llama.cpp would fail to load it
+        export_gguf(tmp_path / "noq", tmp_path / "noq.gguf")
     save_pretrained(build("tiny"), tmp_path / "notok")
     with pytest.raises(ValueError, match="no tokenizer.json"):
         export_gguf(tmp_path / "notok", tmp_path / "x.gguf")
