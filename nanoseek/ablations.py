@@ -122,11 +122,11 @@ class MoEBalanceConfig(AblationConfig):
 class MTPConfig(AblationConfig):
     out: str = "runs/mtp"
     # the demo's student shape: in docs/LOG.md it reached 70% held-out pass@1 in 1,200 steps of this recipe, where
-    # the base needs ~600 steps at 4x the step time. 800 steps: all six runs within 20 minutes (1,000 steps took
-    # 0.25 s each with one thread, ~24 minutes in all)
+    # the base needs ~600 steps at 4x the step time. 720 steps: all six runs in ~18 minutes (one thread: 0.27 s per
+    # step with MTP, 0.17 s without; 800 steps took 20.1 minutes, 1,000 would take ~24)
     preset: str = _DEMO.student_preset
     model_overrides: dict[str, Any] = field(default_factory=lambda: dict(_DEMO.student_overrides))
-    steps: int = 800
+    steps: int = 720
     eval_every: int = 80
     mtp_lambda: float = 0.3  # V3 §4.2: 0.3 for the first 10T tokens
     # held-out accuracy through nanoseek.eval with the demo's protocol (chat prompts, R1's T 0.6 / top_p 0.95)
