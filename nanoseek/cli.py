@@ -202,24 +202,6 @@ def cmd_janus_train(args: argparse.Namespace) -> int:
                      f"[bold]{s['model']}[/] (nanoseek imagine / eval --task shapes-geneval / serve)")
 
 
-def _add_janus_commands(sub: argparse._SubParsersAction) -> None:
-    jp = sub.add_parser("janus", help="the mini Janus on the shapes world (docs/janus.md#mini-janus)")
-    jsub = jp.add_subparsers(dest="janus_command", required=True, metavar="COMMAND")
-    sp = jsub.add_parser("train", help="train the unified mini Janus from scratch (V3 trunk, frozen VQ)",
-                         description="Text-to-image (CFG dropout), image-to-text understanding and caption text in "
-                                     "one loop; checkpoints, resume, metrics.jsonl, loss.png; OUT/model is the "
-                                     "published Janus directory. Any JanusTrainConfig field as key=value.")
-    sp.add_argument("--config", help="TOML file of JanusTrainConfig fields")
-    sp.add_argument("--data", help="shapes world directory (nanoseek data synth --task shapes --split train)")
-    sp.add_argument("--vq", help="the trained VQ (nanoseek janus train-vq)")
-    sp.add_argument("--out", default=None, help="run directory (default runs/janus)")
-    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    _device_args(sp, "fp32 (default) | bf16 autocast", "fp32")
-    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="JanusTrainConfig fields (model.* for the "
-                                                                      "trunk)")
-    sp.set_defaults(func=cmd_janus_train)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .experiment import parse_stage_list
@@ -290,11 +272,80 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    if args.task == "shapes":  # a directory of images and items, not a JSONL of text problems
+        from .minijanus import synth_world
+
+        path = synth_world(args.n, args.split, args.seed, args.out, args.set, png=args.png)
+        Console().print(f"{args.n} shapes items ({args.split}, seed {args.seed}) -> [bold]{path}[/]")
+        return 0
+    if args.set or args.png:
+        raise ValueError("--set and --png are for --task shapes")
     from .tasks import synth
 
     path = synth(args.task, args.n, args.split, args.seed, args.out, args.format)
     Console().print(f"{args.n} {args.task} items ({args.split}, seed {args.seed}, {args.format}) -> [bold]{path}[/]")
     return 0
+
+
+def cmd_janus_train_vq(args: argparse.Namespace) -> int:
+    from .minijanus import print_train_summary, train_vq, vq_train_config
+
+    cfg = vq_train_config(args.overrides, data=args.data, out=args.out, resume=True if args.resume else None,
+                          device=args.device, progress=False if args.quiet else None)
+    print_train_summary(train_vq(cfg), Console())
+    return 0
+
+
+def cmd_janus_score(args: argparse.Namespace) -> int:
+    from .minijanus import print_score, run_score
+
+    report = run_score(args.images, world=args.world, vq=args.vq, out=args.json, per_category=args.per_category,
+                       device=args.device, progress=not args.quiet)
+    print_score(report, Console())
+    return 0
+
+
+def _add_janus_commands(sub: argparse._SubParsersAction) -> None:
+    jp = sub.add_parser("janus", help="mini Janus on the shapes world: VQ tokenizer, training, GenEval-style "
+                                      "scores (docs/mini-janus.md)")
+    jsub = jp.add_subparsers(dest="janus_command", required=True, metavar="COMMAND")
+    sp = jsub.add_parser("train-vq", help="train the VQ tokenizer (Janus' VQ architecture) on a shapes world",
+                         description="Any VQTrainConfig field as key=value (docs/mini-janus.md), e.g. "
+                                     "max_steps=400 codebook_size=512.")
+    sp.add_argument("--data", required=True, help="a directory from `nanoseek data synth --task shapes --split train`")
+    sp.add_argument("--out", default=None, help="run directory (default runs/vq)")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    sp.add_argument("--device", default=None, help=DEVICE_HELP)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="VQTrainConfig overrides")
+    sp.set_defaults(func=cmd_janus_train_vq)
+    sp = jsub.add_parser("train", help="train the unified mini Janus from scratch (V3 trunk, frozen VQ)",
+                         description="Text-to-image (CFG dropout), image-to-text understanding and caption text in "
+                                     "one loop; checkpoints, resume, metrics.jsonl, loss.png; OUT/model is the "
+                                     "published Janus directory. Any JanusTrainConfig field as key=value.")
+    sp.add_argument("--config", help="TOML file of JanusTrainConfig fields")
+    sp.add_argument("--data", help="shapes world directory (nanoseek data synth --task shapes --split train)")
+    sp.add_argument("--vq", help="the trained VQ (nanoseek janus train-vq)")
+    sp.add_argument("--out", default=None, help="run directory (default runs/janus)")
+    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _device_args(sp, "fp32 (default) | bf16 autocast", "fp32")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="JanusTrainConfig fields (model.* for the "
+                                                                      "trunk)")
+    sp.set_defaults(func=cmd_janus_train)
+    sp = jsub.add_parser("score", help="score generated images against their prompts (rule-based verifier)",
+                         description="Always reports the verifier's own accuracy on freshly rendered ground truth of "
+                                     "the test prompts, and with --vq the VQ round-trip ceiling.")
+    sp.add_argument("images", nargs="?", default=None,
+                    help="a JSONL of generated images (rows: category, requirement, image = a PNG path relative to "
+                         "the file) or a directory holding images.jsonl; omit to measure only the verifier/ceiling")
+    sp.add_argument("--world", default=None, help="world.json or a data directory (default: the default world)")
+    sp.add_argument("--vq", default=None, help="a VQ directory or train-vq run: also the round-trip ceiling")
+    sp.add_argument("--per-category", type=int, default=60, help="test prompts per category for the verifier check "
+                                                                 "and the ceiling (default 60: 360 in all)")
+    sp.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    sp.add_argument("--device", default=None, help=DEVICE_HELP)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_janus_score)
 
 
 def _add_tokenizer_and_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -329,13 +380,17 @@ def _add_tokenizer_and_data_commands(sub: argparse._SubParsersAction) -> None:
     from .tasks import task_names
 
     sp = dsub.add_parser("synth", help="a task's items (synthetic problems with reasoning) as JSONL")
-    sp.add_argument("--task", choices=task_names(), required=True)
+    sp.add_argument("--task", choices=(*task_names(), "shapes"), required=True,
+                    help="shapes: the mini-Janus world, a directory of images + items (docs/mini-janus.md)")
     sp.add_argument("--n", type=int, required=True, help="number of items")
     sp.add_argument("--split", choices=("train", "test"), default="train")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="output .jsonl file")
     sp.add_argument("--format", choices=("item", "text", "chat"), default="item",
                     help="raw items (default; for RL/eval), {text} for pretraining, {messages} for SFT")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="shapes: a world setting, e.g. image_size=48, max_objects=2, 'sizes=[10,13]' (repeatable)")
+    sp.add_argument("--png", action="store_true", help="shapes: also one PNG per item")
     sp.set_defaults(func=cmd_data_synth)
 
 

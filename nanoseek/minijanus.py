@@ -68,8 +68,8 @@ class VQTrainConfig:
     schedule: str = "cosine"
     warmup_steps: int = 10
     decay_ratio: float = 0.2
-    max_steps: int = 400
-    batch_size: int = 32
+    max_steps: int = 800
+    batch_size: int = 16  # measured: 800 x 16 beat 400 x 32 (same images, same time) by 6 points of ceiling
     grad_clip: float = 1.0
     # run
     device: str | None = None
@@ -108,6 +108,12 @@ class VQTrainConfig:
         return VQConfig(embed_dim=self.embed_dim, num_embeddings=self.codebook_size,
                         latent_channels=self.latent_channels, base_channels=self.base_channels,
                         channel_multiplier=self.channel_multiplier, num_res_blocks=self.num_res_blocks)
+
+
+def synth_world(n: int, split: str, seed: int, out: str | Path, world: list[str] | None = None,
+                png: bool = False) -> Path:
+    """`nanoseek data synth --task shapes`: the world from `key=value` settings (TOML values), then shapes.synth."""
+    return shapes.synth(n, split, seed, out, shapes.ShapesConfig.from_dict(parse_overrides(world)), png=png)
 
 
 def vq_train_config(overrides: list[str] | None = None, **kwargs: Any) -> VQTrainConfig:
@@ -333,9 +339,10 @@ def train_vq(cfg: VQTrainConfig, clock: Callable[[], float] = time.perf_counter)
                 restarted = restart_dead_codes(vq, losses["z"], last_used, step + 1, cfg.dead_after, cfg.seed, opts)
             dt = clock() - t0
             spent += dt
-            rec = {"step": step + 1, "lr": lr, "loss": float(losses["loss"]), "rec_loss": float(losses["rec_loss"]),
-                   "codebook_loss": float(losses["codebook_loss"]),
-                   "commitment_loss": float(losses["commitment_loss"]), "grad_norm": float(gnorm),
+            rec = {"step": step + 1, "lr": lr, "loss": float(losses["loss"].detach()),
+                   "rec_loss": float(losses["rec_loss"].detach()),
+                   "codebook_loss": float(losses["codebook_loss"].detach()),
+                   "commitment_loss": float(losses["commitment_loss"].detach()), "grad_norm": float(gnorm),
                    **codebook_usage(ids, K), "codes_alive": float(((step + 1 - last_used) < cfg.dead_after)
                                                                   .float().mean()),
                    "restarted": restarted, "step_time": dt, "train_seconds": spent}

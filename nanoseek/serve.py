@@ -1079,7 +1079,10 @@ class Server:
         self.image_requests = 0  # image generation requests running or waiting (429 beyond 1 + max_queue)
         self.name = cfg.served_model_name or Path(cfg.model).resolve().name
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOSEEK_API_KEY") or None
-        self.reasoning = detect_reasoning(tokenizer, cfg.reasoning_parser)
+        # a Janus chat is DeepSeek's Janus conversation format, never the tokenizer's chat template: `auto` must not
+        # turn the R1 split on because a (mini Janus') tokenizer ships nanoseek's <think> template
+        self.reasoning = detect_reasoning(tokenizer, cfg.reasoning_parser) and not (
+            janus is not None and cfg.reasoning_parser == "auto")
         self.end_think_id = tokenizer.tok.token_to_id(END_THINK)
         self.defaults = generation_defaults or {}
         self.metrics = Metrics()

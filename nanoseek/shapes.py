@@ -19,9 +19,10 @@ IoU in its bounding box. Requirements are checked as GenEval's evaluate_images.p
 position with its 0.1 box-size threshold). `validate` measures it on freshly rendered ground truth of the test
 prompts; every score run reports that number beside the model's.
 
-Public surface (the tasks module wraps these): ShapesConfig, make_items(config, split, n, seed), render(objects,
-config), detect(image, config), score_image(requirement, image, config), summarize(rows), validate(config, ...),
-synth(...) (`nanoseek data synth --task shapes`), score_file(...).
+Public surface (the tasks module wraps these): ShapesConfig / load_config, make_items(config, split, n, seed)
+(prompts, requirements, scenes, captions, questions), render(objects, config), detect(image, config),
+score_image(requirement, image, config), score_images, summarize(rows), validate(config, ...), synth(...) and
+load_split (`nanoseek data synth --task shapes`), read_generated (what `nanoseek janus score` reads).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def _hue_gap(a: float, b: float) -> float:
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    """The world. Sizes are the side in pixels of the square box a shape is drawn in (default: 1/4 and 3/8 of the
-    image); `holdout` lists the (colour, shape) pairs kept out of training (default: one per shape, on every
-    second colour). Impossible settings raise ValueError here, before anything is drawn."""
+    """The world. Sizes are the side in pixels of the square box a shape is drawn in (default: 0.3 and 0.4 of the
+    image, 10 and 13 px at 32: at 8 px a VQ round trip loses the circle/square difference, docs/mini-janus.md);
+    `holdout` lists the (colour, shape) pairs kept out of training (default: one per shape, on every second
+    colour). Impossible settings raise ValueError here, before anything is drawn."""
 
     image_size: int = 32
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
@@ -96,7 +98,7 @@ class ShapesConfig:
         set_(self, "shapes", tuple(self.shapes))
         set_(self, "colors", tuple(self.colors))
         if not self.sizes:
-            set_(self, "sizes", (round(S / 4), round(3 * S / 8)))
+            set_(self, "sizes", (round(0.3 * S), round(0.4 * S)))
         set_(self, "sizes", tuple(sorted(int(s) for s in self.sizes)))
         if self.gap < 0:
             set_(self, "gap", max(2, S // 10))
@@ -752,6 +754,9 @@ def read_generated(path: str | Path, config: ShapesConfig) -> tuple[list[dict[st
         if missing:
             raise ValueError(f"{f}, row {i + 1}: missing {', '.join(missing)} (rows need category, requirement and "
                              "image: a PNG path relative to the file)")
+        if not isinstance(r["image"], str):
+            raise ValueError(f"{f}, row {i + 1}: image must be a PNG path relative to the file, got {r['image']!r} "
+                             "(synth's item files index an array instead: write generated images as PNGs)")
         if r["category"] not in CATEGORIES:
             raise ValueError(f"{f}, row {i + 1}: unknown category {r['category']!r}")
         im = np.asarray(open_image(f.parent / r["image"]))
