@@ -140,6 +140,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import EvalConfig, evaluate, summary_markdown
     from .janus_eval import TASKS as JANUS_TASKS
+    from .train import parse_overrides
 
     if args.task in JANUS_TASKS:  # a Janus on the shapes world: images out (geneval) or answers (vqa)
         from .janus_eval import JanusEvalConfig, run_janus_eval
@@ -153,7 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
                             api_key=args.api_key, k=args.k, n=args.n or 200, temperature=args.temperature,
                             top_p=args.top_p, max_tokens=args.max_tokens, prompt_format=args.prompt_format,
-                            out=args.out, device=args.device, dtype=args.dtype))
+                            out=args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                            task_options=parse_overrides(args.task_option) or None))
     print(summary_markdown(s))
     return 0
 
@@ -738,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--prompt-format", choices=["chat", "r1_zero"], default="chat")
     sp.add_argument("--out", default=None, help="directory for items.jsonl, summary.json and summary.md")
+    sp.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                    help="a setting of the task (TOML value, repeatable), e.g. max_digits=3: it must match what the "
+                         "model was trained on")
+    sp.add_argument("--max-batch", type=int, default=32, help="local model: engine rows decoded together "
+                                                              "(default 32)")
     sp.add_argument("--cfg", type=float, default=5.0, help="shapes-geneval: guidance weight, >= 1 (default 5)")
     sp.add_argument("--world", default=None, help="shapes tasks: the world.json (default: the model's own)")
     _device_args(sp, "with --model: " + INFER_DTYPE_HELP)

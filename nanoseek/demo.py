@@ -65,28 +65,31 @@ class DemoPlan:
         "q_lora_rank": 96, "kv_lora_rank": 64})
     seq_len: int = 256
     batch_size: int = 16
-    # 600 steps: what the 300 s budget of the time-sized demo reached on a quiet machine (479-587 steps, docs/LOG.md),
-    # now fixed; WSD with the decay over the last 30%
-    pretrain_steps: int = 600
+    # 450 steps, WSD with the decay over the last 30%: the time-sized demo reached 479-587 steps in its 300 s budget
+    # (docs/LOG.md); 600 fixed steps took 420 s on the 2-core Zen 4 and put the text recipe at 19 minutes, so
+    # pretraining is the stage that shrank (with GRPO and the student's two stages) to fit 15
+    pretrain_steps: int = 450
     pretrain_lr: float = 3e-3
     pretrain_warmup: int = 20
     decay_ratio: float = 0.3
     # GRPO on the base. lr measured (docs/LOG.md): 1e-4 lost 20 points in 60 steps, 4e-5 gained 4.5 greedy in 79.
-    # 80 steps: the time-sized demo ran ~118 in 240 s; it shrinks to make room for the student's stages
-    rl_steps: int = 80
+    # 64 steps (8 prompts x 8 samples each): the time-sized demo ran ~118 in 240 s; it shrank to make room for the
+    # student's stages and the 15-minute text recipe
+    rl_steps: int = 64
     rl_group: int = 8
     rl_prompts: int = 8
     rl_max_new: int = 160
     rl_lr: float = 4e-5
     # the student: the `tiny` shape (hidden 64, 2 layers, 8 routed experts), ~12x fewer parameters than the base.
     # docs/findings/distill-vs-rl.md: this shape at 1,200 steps of the same 16 x 256 batches on the same task
-    # reached 43% held-out pass@1 — weak enough that both paths have room, strong enough that GRPO gets signal
+    # reached 43% held-out pass@1 — weak enough that both paths have room, strong enough that GRPO gets signal;
+    # 1,000 steps here to fit the 15 minutes
     student_preset: str = "tiny"
     student_overrides: dict[str, Any] = field(default_factory=dict)
-    student_pretrain_steps: int = 1200
+    student_pretrain_steps: int = 1000
     # GRPO on the student: the base's recipe at the lr that worked for this shape (docs/findings/distill-vs-rl.md:
     # 1e-4 of 3e-5 / 1e-4 / 5e-4)
-    student_rl_steps: int = 120
+    student_rl_steps: int = 96
     student_rl_lr: float = 1e-4
     # distillation: one sample per training prompt from the RL model at R1's T 0.6 / top_p 0.95, rejection-sampled
     # by the task's verifier; the SFT lr of docs/findings/distill-vs-rl.md
@@ -97,19 +100,23 @@ class DemoPlan:
     # evaluation: the same held-out problems for every model
     eval_n: int = 300
     eval_k: int = 4
+    # engine rows for evaluation and trace sampling: at 128 rows eval ran 44% faster than at 32 (same answers), the
+    # per-token Python step being shared by more rows
+    sample_batch: int = 128
     # where every stage runs: None = CUDA if available, else CPU; "auto" precision is fp32 on a CPU (the estimates
     # were measured so) and bf16 on CUDA (nanoseek.device.resolve_dtype)
     device: str | None = None
     dtype: str = "auto"
     # ---- reference timings (not part of the plan's identity): see docs/demo.md
-    pretrain_step_s: float = 0.50  # docs/LOG.md: 0.47-0.52 s per base step, 2 threads, fp32, alone
-    # scaled from 1-thread CPU time under load (2026-12-05): tiny 0.24 s vs base 1.22 s, times 0.50 / 1.22, times
-    # 1.4 because tiny matrices gain less from the second thread
-    student_step_s: float = 0.14
-    rl_step_s: float = 2.0  # docs/LOG.md: 79 steps in 150 s, ~118 in 240 s
-    student_rl_step_s: float = 0.42  # scaled like student_step_s: rollout + update 0.70 s vs base 4.0 s CPU time
-    sample_s: float = 0.022  # one 100-token completion of the base at eval batch 32 (3.0 s CPU per 64, scaled)
-    student_sample_s: float = 0.012
+    # the quiet fixed-work run of docs/LOG.md (2026-12-04, run 2) on the 2-core Zen 4: 600 base steps in 420 s, 80
+    # GRPO steps in 200 s, 1,200 student steps in 192 s, 120 student GRPO steps in 73 s, eval 150 s at 32 rows
+    pretrain_step_s: float = 0.70
+    student_step_s: float = 0.16
+    rl_step_s: float = 2.5
+    student_rl_step_s: float = 0.60
+    # one completion of the base / the student at 128 rows: run 2's eval (at 32 rows) times 0.56, split as before
+    sample_s: float = 0.013
+    student_sample_s: float = 0.0075
     # the Janus part (nanoseek.janus_experiment: world, VQ, unified training, eval; `--only janus`, `--skip janus`)
     janus: JanusPlan = field(default_factory=JanusPlan)
 
@@ -391,6 +398,8 @@ def stage_traces(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
     stats = generate(GenerateConfig(out=str(out / "traces"), teacher=str(r.root / "models" / "rl"),
                                     prompts=str(prompts), verifier=plan.distill_verifier or plan.task,
                                     samples=plan.distill_samples, max_tokens=plan.rl_max_new, progress=True,
+                                    max_batch=plan.sample_batch,
+                                    batch_prompts=max(1, plan.sample_batch // plan.distill_samples),
                                     seed=derive_seed(plan.seed, "traces", bits=31), device=plan.device,
                                     dtype=plan.dtype))
     r.console.print(f"traces: {stats['accepted']} accepted of {stats['samples']} sampled")
@@ -454,7 +463,7 @@ def stage_eval(r: StageRun, plan: DemoPlan) -> dict[str, Any]:
         s = evaluate(EvalConfig(task=plan.task, task_options=plan.task_options, model=str(model), n=plan.eval_n,
                                 k=plan.eval_k, max_tokens=plan.rl_max_new, prompt_format="chat",
                                 seed=derive_seed(plan.seed, "eval", bits=31), out=str(r.root / "eval" / name),
-                                device=plan.device, dtype=plan.dtype))
+                                device=plan.device, dtype=plan.dtype, max_batch=plan.sample_batch))
         cons = f"cons@{plan.eval_k}"
         results[name] = {k: s[k] for k in ("n_items", "k", "greedy", "greedy_ci", "pass@1", "pass@1_ci", cons,
                                            f"{cons}_ci", f"pass@{plan.eval_k}")}

@@ -52,6 +52,7 @@ class EvalConfig:
     seed: int = 0
     out: str | None = None
     concurrency: int = 8
+    max_batch: int = 32  # local model: engine rows decoded together (more rows, fewer Python steps per token)
     device: str | None = None  # local model: None = nanoseek.device.default_device() (CUDA if available, else CPU)
     dtype: str = "auto"  # local model's weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | ...
 
@@ -61,8 +62,9 @@ class EvalConfig:
         if (self.model is None) == (self.url is None):
             raise ValueError("give exactly one of --model DIR or --url URL")
         dtype_name(self.dtype)
-        if self.k < 1 or self.n < 1:
-            raise ValueError(f"k and n must be >= 1, got k={self.k}, n={self.n}")
+        if self.k < 1 or self.n < 1 or self.max_batch < 1:
+            raise ValueError(f"k, n and max_batch must be >= 1, got k={self.k}, n={self.n}, "
+                             f"max_batch={self.max_batch}")
         if self.url is not None:
             from .client import normalize_url
 
@@ -85,7 +87,7 @@ def _local_sampler(cfg: EvalConfig, task: Task):
 
     def run(items: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:
         prompts = [task.encode_prompt(it, tok, cfg.prompt_format) for it in items]
-        engine = Engine(model, tok, max_batch=32, max_model_len=max(map(len, prompts)) + cfg.max_tokens + 1,
+        engine = Engine(model, tok, max_batch=cfg.max_batch, max_model_len=max(map(len, prompts)) + cfg.max_tokens + 1,
                         seed=cfg.seed)
         params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=temperature, top_p=cfg.top_p if temperature
                                  else 1.0, seed=derive_seed(cfg.seed, "eval", i, j))

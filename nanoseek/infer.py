@@ -27,7 +27,11 @@ from .model import KVCache, Transformer
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
 SPAN_BUCKET = 256  # the compiled decode step attends over 256, 512, 1024, ... cache slots
-COMPILE_FROM_PARAMS = 2_000_000  # compile=None compiles the decode step of models from this size (compile_pays)
+# compile=None compiles the decode step of models from this size (compile_pays). Measured on the demo's 3.4M base
+# (64 eval problems x 5 samples, one thread, 2-core Zen 4): eager 11 s, compiled 119 s from a cold Inductor cache and
+# 29.5 s from a warm one (a graph per (rows, span) bucket as the batch drains); the 20.1M v3-320 of
+# benchmarks/decode.py repays its buckets within one 128-token batch (docs/inference.md)
+COMPILE_FROM_PARAMS = 10_000_000
 
 
 # ----------------------------------------------------------------------------------------------------------------

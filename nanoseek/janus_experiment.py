@@ -43,8 +43,8 @@ class JanusPlan:
     fast: bool = False
     seed: int = 0
     n_train: int = 12000  # training scenes (6 categories in turn), each with a caption and 1-3 questions
-    vq_steps: int = 400  # the VQ: train-vq's defaults (32 px -> 8 x 8 tokens, 512 codes)
-    vq_batch: int = 32
+    vq_steps: int = 800  # the VQ: train-vq's defaults (32 px -> 8 x 8 tokens, 512 codes; 800 x 16 beat 400 x 32 by
+    vq_batch: int = 16  # 6 points of round-trip ceiling on the same images, docs/mini-janus.md)
     train_steps: int = 600
     und_batch: int = 10  # Janus-Pro stage III's 5 : 1 : 4 (understanding : text : text-to-image)
     text_batch: int = 2

@@ -59,7 +59,30 @@ def test_local_model_end_to_end(tmp_path):
     assert s["n_items"] == 6 and 0.0 <= s["pass@1"] <= 1.0 and "greedy" in s
 
 
+def test_cli_task_options_and_engine_rows(tmp_path, capsys):
+    """`--task-option` reaches the task (the items change with it) and `--max-batch` the engine; the answers do not
+    depend on the rows decoded together; a misspelt option is refused by name before any model is loaded."""
+    from nanoseek.cli import main
+
+    model = make_tiny_model_dir(tmp_path)
+    base = ["eval", "--model", str(model), "--n", "6", "--k", "2", "--max-tokens", "6"]
+    assert main([*base, "--task-option", "max_digits=1", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--task-option", "max_digits=1", "--max-batch", "3", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert a["config"]["task_options"] == {"max_digits": 1} and b["config"]["max_batch"] == 3
+    rows = [[json.loads(x) for x in (tmp_path / d / "items.jsonl").read_text().splitlines()] for d in "ab"]
+    assert rows[0] == rows[1]
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    default = [json.loads(x) for x in (tmp_path / "c" / "items.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in default] != [r["id"] for r in rows[0]]  # other problems
+    capsys.readouterr()
+    assert main([*base, "--task-option", "max_digitz=3"]) == 2
+    assert "task arithmetic has no option 'max_digitz'" in capsys.readouterr().err
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="k, n and max_batch must be >= 1"):
+        EvalConfig(model="m", max_batch=0)
     with pytest.raises(ValueError, match="exactly one of --model DIR or --url URL"):
         EvalConfig()
     with pytest.raises(ValueError, match="--url 'ftp://x' is not an http"):
