@@ -152,9 +152,8 @@ class DemoPlan:
                 "student_pretrain": self.student_pretrain_steps * self.student_step_s + 5,
                 "student_rl": self.student_rl_steps * self.student_rl_step_s + 5,
                 "traces": self.distill_prompts * self.distill_samples * self.sample_s + 5,
-                # matched compute gives ~125 SFT steps at the full sizes (docs/demo.md: (a) ~1.6e12 FLOPs, teacher
-                # sampling ~0.6e12, 8.1e9 per SFT step)
-                "student_distill": (125 if not self.fast else 2) * self.student_step_s + 8,
+                # matched compute gave 84 SFT steps in the 2026-12-05 run (docs/LOG.md)
+                "student_distill": (90 if not self.fast else 2) * self.student_step_s + 8,
                 "eval": 2 * n_eval * self.sample_s + 3 * n_eval * self.student_sample_s + 10}
 
 
