@@ -45,10 +45,10 @@ class JanusPlan:
     n_train: int = 12000  # training scenes (6 categories in turn), each with a caption and 1-3 questions
     vq_steps: int = 800  # the VQ: train-vq's defaults (32 px -> 8 x 8 tokens, 512 codes; 800 x 16 beat 400 x 32 by
     vq_batch: int = 16  # 6 points of round-trip ceiling on the same images, docs/mini-janus.md)
-    train_steps: int = 600
+    train_steps: int = 1200  # with 24 images per step: the Janus part within 8 minutes
     und_batch: int = 10  # Janus-Pro stage III's 5 : 1 : 4 (understanding : text : text-to-image)
     text_batch: int = 2
-    t2i_batch: int = 8
+    t2i_batch: int = 24
     lr: float = 2e-3
     model_overrides: dict[str, Any] = field(default_factory=dict)  # the janus-mini trunk (model.* keys)
     eval_per_category: int = 60  # 360 held-out prompts
@@ -57,9 +57,11 @@ class JanusPlan:
     guidance: tuple[float, ...] = (1.0, 3.0, 5.0, 7.0)  # the demo's guidance curve (janus-cfg has the full sweep)
     device: str | None = None  # None: CUDA if available, else CPU (the demo's --device)
     # ---- reference timings (not part of the plan's identity)
-    vq_step_s: float = 0.25
-    train_step_s: float = 0.35
-    images_s: float = 0.02  # one generated image (64 tokens x 2 CFG rows, batched) incl. decoding and scoring
+    # measured in the demo's runs of 2026-12-05 (docs/LOG.md): VQ 0.128 s per step of 16, unified 0.25 s per step,
+    # the Janus eval 25 s for 6 x 360 images and 600 answers
+    vq_step_s: float = 0.13
+    train_step_s: float = 0.26
+    images_s: float = 0.01  # one generated image (64 tokens x 2 CFG rows, batched) incl. decoding and scoring
     answer_s: float = 0.005
 
     def __post_init__(self) -> None:
@@ -82,7 +84,7 @@ class JanusPlan:
 
     def estimates(self) -> dict[str, float]:
         n_img = 6 * self.eval_per_category
-        return {"janus_data": 0.004 * self.n_train + 1, "janus_vq": self.vq_steps * self.vq_step_s + 3,
+        return {"janus_data": 0.0003 * self.n_train + 1, "janus_vq": self.vq_steps * self.vq_step_s + 3,
                 "janus_train": self.train_steps * self.train_step_s + 10,
                 "janus_eval": (2 + len(self.guidance)) * n_img * self.images_s + self.vqa_questions * self.answer_s
                 + 10}
