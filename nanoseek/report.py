@@ -620,6 +620,9 @@ def janus_verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+ENCODER_NAMES = {"vit": "ViT (decoupled encoding)", "vq": "VQ tokens (shared encoding)"}
+
+
 def janus_markdown(rep: dict[str, Any]) -> list[str]:
     """The report card's mini Janus section (empty without the Janus part)."""
     j = rep.get("janus")
@@ -663,7 +666,8 @@ def janus_markdown(rep: dict[str, Any]) -> list[str]:
     v = j.get("vqa")
     if v:
         m = v.get("baselines", {}).get("majority_answer", {})
-        L += [f"### Understanding ({v['n_items']} questions on held-out scenes, through the {v['encoder'].upper()})",
+        enc = ENCODER_NAMES.get(v["encoder"], v["encoder"])
+        L += [f"### Understanding ({v['n_items']} questions on held-out scenes, through the {enc})",
               "", "| question | model | majority-answer guesser |", "|---|---|---|"]
         for k, e in v["kinds"].items():
             mk = m.get("kinds", {}).get(k)
