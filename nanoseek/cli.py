@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.model is None:
             raise ValueError(f"--task {args.task} evaluates a local Janus directory: give --model DIR")
         run_janus_eval(JanusEvalConfig(task=args.task, model=args.model, out=args.out, n=args.n,
-                                       cfg_weight=args.cfg, world=args.world, device=args.device,
+                                       cfg_weight=args.cfg, world=args.world, split=args.split, device=args.device,
                                        dtype="float32" if args.dtype == "auto" else args.dtype))
         return 0
     s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
@@ -747,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default 32)")
     sp.add_argument("--cfg", type=float, default=5.0, help="shapes-geneval: guidance weight, >= 1 (default 5)")
     sp.add_argument("--world", default=None, help="shapes tasks: the world.json (default: the model's own)")
+    sp.add_argument("--split", choices=("test", "train"), default="test",
+                    help="shapes tasks: test = held-out compositions (the score); train = prompts with the seen "
+                         "colour-shape pairings (a diagnostic)")
     _device_args(sp, "with --model: " + INFER_DTYPE_HELP)
     sp.set_defaults(func=cmd_eval)
 

@@ -47,6 +47,10 @@ class JanusEvalConfig:
     seed: int = 0
     baselines: bool = True
     world: str | None = None  # None: the model directory's world.json (written by `nanoseek janus train`)
+    # "test": held-out scenes whose colour-naming prompts each contain a held-out colour-shape pairing (the score);
+    # "train": prompts and scenes drawn like the training split's (seen pairings): a diagnostic of what the model
+    # learned apart from composing, never the headline number
+    split: str = "test"
     batch: int = 120
     device: str | None = None
     dtype: str = "float32"
@@ -61,6 +65,9 @@ class JanusEvalConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.split not in ("test", "train"):
+            raise ValueError(f"split must be test (held-out compositions) or train (seen pairings), got "
+                             f"{self.split!r}")
         check_guidance(self.cfg_weight, self.temperature)
 
 
@@ -213,7 +220,7 @@ def evaluate_geneval(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any 
     if model is None:
         model, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     n = cfg.n or PER_CATEGORY * len(shapes.CATEGORIES)
-    items = task.items("test", n, cfg.seed)
+    items = task.items(cfg.split, n, cfg.seed)
     out = Path(cfg.out) if cfg.out else None
     images: dict[str, np.ndarray] = {}
 
@@ -237,7 +244,8 @@ def evaluate_geneval(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any 
 
     s = run(items, out, "")
     result: dict[str, Any] = {"task": "shapes-geneval", "model": cfg.model, "world": task.world.to_dict(),
-                              "cfg_weight": cfg.cfg_weight, "temperature": cfg.temperature, "seed": cfg.seed,
+                              "split": cfg.split, "cfg_weight": cfg.cfg_weight, "temperature": cfg.temperature,
+                              "seed": cfg.seed,
                               "n_items": len(items), **_eval_summary(s)}
     if cfg.baselines:
         # shuffled prompts: image i is generated for another item's prompt, and scored against item i's
@@ -295,7 +303,7 @@ def evaluate_vqa(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any = No
     if model is None:
         model, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     encoder = encoder or run_settings(cfg.model).get("understanding_encoder", "vit")
-    items = task.items("test", cfg.n or VQA_QUESTIONS, cfg.seed)
+    items = task.items(cfg.split, cfg.n or VQA_QUESTIONS, cfg.seed)
     out = Path(cfg.out) if cfg.out else None
 
     def sampler(its: list[dict[str, Any]], k: int, temperature: float) -> list[list[str]]:
@@ -308,6 +316,7 @@ def evaluate_vqa(cfg: JanusEvalConfig, model: Janus | None = None, tok: Any = No
                  items=items, sampler=sampler)
     n, p = s["n_items"], s["pass@1"]
     result: dict[str, Any] = {"task": "shapes-vqa", "model": cfg.model, "encoder": encoder, "seed": cfg.seed,
+                              "split": cfg.split,
                               "n_items": n, "kinds": s.get("groups", {}),
                               "overall": {"n": n, "pass@1": p, "ci": list(wilson(round(p * n), n))}}
     if cfg.baselines:
@@ -358,7 +367,8 @@ def geneval_markdown(r: dict[str, Any]) -> str:
     cols = [("model", r)] + [(name, b[key]) for name, key in (
         ("shuffled prompts", "shuffled_prompts"), ("VQ ceiling", "vq_ceiling"),
         ("verifier on ground truth", "verifier_on_ground_truth")) if key in b]
-    L = [f"# shapes-geneval: {r['n_items']} held-out prompts, guidance {r['cfg_weight']:g}, temperature "
+    which = "held-out" if r.get("split", "test") == "test" else "seen-pairing (training-split)"
+    L = [f"# shapes-geneval: {r['n_items']} {which} prompts, guidance {r['cfg_weight']:g}, temperature "
          f"{r['temperature']:g}", "", f"Model `{r['model']}`. Accuracy (95% Wilson CI); one image per prompt.", "",
          "| category | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     for cat in r["categories"]:
@@ -373,7 +383,8 @@ def geneval_markdown(r: dict[str, Any]) -> str:
 
 def vqa_markdown(r: dict[str, Any]) -> str:
     m = r.get("baselines", {}).get("majority_answer", {})
-    L = [f"# shapes-vqa: {r['n_items']} questions on held-out scenes (encoder: {r['encoder']})", "",
+    which = "held-out" if r.get("split", "test") == "test" else "training-split"
+    L = [f"# shapes-vqa: {r['n_items']} questions on {which} scenes (encoder: {r['encoder']})", "",
          "| question kind | model | majority-answer guesser |", "|---|---|---|"]
     for k, v in r["kinds"].items():
         L.append(f"| {k} | {_cell(v)} | {_cell(m.get('kinds', {}).get(k))} |")

@@ -252,3 +252,24 @@ def test_serve_runs_the_trained_mini_janus(trained):
     # greedy: the eval's own answer, as content (a Janus chat has no R1 reasoning split)
     message = chat.choices[0].message
     assert message.content.strip() == want[0] and getattr(message, "reasoning_content", None) is None
+
+
+def test_eval_on_seen_pairings_is_a_separate_split(trained, tmp_path):
+    """`--split train` draws colour-naming prompts from the training pairings only; the default test split puts a
+    held-out pairing in every one (the headline score); a bad split is refused before compute."""
+    from nanoseek.janus_eval import JanusEvalConfig, evaluate_geneval
+
+    world = shapes.load_config(trained["model"])
+    held = {tuple(p) for p in world.holdout}
+    named = {"colors", "color_attr", "position"}
+    for split, out in (("train", tmp_path / "seen"), ("test", tmp_path / "held")):
+        r = evaluate_geneval(JanusEvalConfig(model=trained["model"], n=12, split=split, baselines=False,
+                                             progress=False, out=str(out)))
+        assert r["split"] == split and r["n_items"] == 12
+        rows = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+        for row in (x for x in rows if x["group"] in named):
+            words = row["prompt"].split()
+            pairs = {(c, s.rstrip("s")) for c, s in zip(words, words[1:]) if c in world.colors}
+            assert bool(pairs & held) == (split == "test"), row["prompt"]
+    with pytest.raises(ValueError, match="split must be test"):
+        JanusEvalConfig(model=trained["model"], split="dev")
