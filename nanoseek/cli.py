@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -849,8 +850,21 @@ def _raised_by_nanoseek(e: BaseException) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus KEY=VALUE overrides after an option: `experiment NAME --out DIR key=value` would otherwise
+    be refused, because argparse fills a trailing `nargs="*"` positional (empty) together with the one before it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            re.match(r"^[A-Za-z_][\w.]*=", x) for x in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         _resolve_models(args)
         return int(args.func(args) or 0)

@@ -119,3 +119,14 @@ def test_only_nanoseeks_own_value_errors_are_one_line_user_errors(monkeypatch, c
     monkeypatch.undo()  # nanoseek's own check of the input: one line, exit code 2
     assert cli.main(["params", "--preset", "huge"]) == 2
     assert "error: unknown preset 'huge'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`experiment NAME --out DIR key=value` reaches the experiment's config (argparse alone refuses the override
+    there), so a misspelt key is the config's error; an unknown option is still argparse's."""
+    assert main(["experiment", "janus-cfg", "--out", str(tmp_path / "c"), "wieghts=[1]"]) == 2
+    assert "unknown janus experiment key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "mtp", "--out", str(tmp_path / "m"), "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
