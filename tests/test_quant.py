@@ -136,3 +136,19 @@ def test_errors_before_anything_changes(model):
     with pytest.raises(ValueError):
         quantize_int8(m)
     assert type(m.lm_head) is nn.Linear  # refused before any layer was replaced
+
+
+def test_generate_and_serve_int8(tmp_path, capsys):
+    from nanoseek.cli import main
+    from nanoseek.serve import ServeConfig, Server
+
+    from .hf_ref import make_tiny_model_dir
+
+    d = make_tiny_model_dir(tmp_path)
+    assert main(["generate", "--model", str(d), "--prompt-ids", "1,2,3", "--max-tokens", "3", "--temperature", "0",
+                 "--ignore-eos", "--dtype", "bf16", "--int8"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
+    engine = Server.from_config(ServeConfig(model=str(d), dtype="bfloat16", int8=True)).engine
+    assert isinstance(engine.model.lm_head, Int8Linear) and engine.dtype == torch.bfloat16
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
