@@ -175,15 +175,15 @@ CHILDREN = {"nanoseek": child_nanoseek, "transformers": child_transformers, "lla
             "membw": child_membw}
 
 
-def spawn(python: str, engine: str, **kw: Any) -> dict[str, Any]:
+def spawn(python: str, engine: str, env: dict[str, str] | None = None, **kw: Any) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--child", engine]
     for k, v in kw.items():
         if isinstance(v, bool):
             cmd += [f"--{k.replace('_', '-')}"] if v else []
         elif v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)), **(env or {})))
     if r.returncode:
         raise RuntimeError(f"{engine} child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -328,6 +328,20 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 + f" | identical {row['identical']} | nanoseek warm-up {row['nanoseek']['warmup_s']:.0f} s",
                 flush=True)
         results[name] = {"model": info, "rows": rows}
+        if args.warmup_cold:  # the batch-1 engine's warm-up from an empty Inductor cache, then from that cache
+            import tempfile
+
+            import torch
+
+            prompts = torch.randint(3, info["vocab_size"], (1, PROMPT_LEN),
+                                    generator=torch.Generator().manual_seed(1)).tolist()
+            with tempfile.TemporaryDirectory() as cache:
+                kw = {"model_dir": info["dir"], "prompts": json.dumps(prompts), "threads": args.threads,
+                      "repeats": 0, "env": {"TORCHINDUCTOR_CACHE_DIR": cache}}
+                cold, warm = (spawn(sys.executable, "nanoseek", **kw)["warmup_s"] for _ in range(2))
+            results[name]["warmup_batch1_s"] = {"cold": cold, "warm": warm}
+            print(f"{name}: compiled engine warm-up at batch 1: {cold:.1f} s from an empty compile cache, "
+                  f"{warm:.1f} s from a warm one", flush=True)
     return results
 
 
@@ -405,6 +419,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["v3-320", "demo"], choices=("v3-320", "demo"))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--eager", action="store_true", help="also time nanoseek's eager engine (reference)")
+    ap.add_argument("--warmup-cold", action="store_true",
+                    help="overhead: also time the batch-1 warm-up from an empty compile cache and from a warm one")
     ap.add_argument("--int8", action="store_true",
                     help="bandwidth: also nanoseek weight-only int8 and llama.cpp Q8_0 (int8 rows); child: quantize")
     # child mode (internal)
