@@ -76,10 +76,13 @@ def child_nanoseek(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     model = load(a.model_dir, dtype=dtype).eval()
+    quantize_s = None
     if a.int8:
         from nanoseek.quant import quantize_int8
 
+        t0 = time.perf_counter()
         quantize_int8(model)
+        quantize_s = time.perf_counter() - t0
     prompts = json.loads(a.prompts)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -93,7 +96,7 @@ def child_nanoseek(a: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         engine.generate(prompts, sp)
         times.append(time.perf_counter() - t)
-    return {"tokens": tokens, "times": times, "warmup_s": warm}
+    return {"tokens": tokens, "times": times, "warmup_s": warm, "quantize_s": quantize_s}
 
 
 def child_transformers(a: argparse.Namespace) -> dict[str, Any]:
@@ -374,6 +377,7 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         s = summary(r, 1)
         bytes_tok = info["bytes_read_per_token"]["q8_0" if "Q8_0" in k else "int8" if "int8" in k else "bf16"]
         s["weight_bytes_per_token"] = bytes_tok
+        s["quantize_s"] = r.get("quantize_s")
         s["weights_GBps"] = bytes_tok * s["tok_s"] / 1e9
         s["of_read_bw"] = s["weights_GBps"] / max(bw, bw_after)
         row[k] = s
