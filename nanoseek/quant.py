@@ -12,8 +12,8 @@ How each part runs:
 - `Int8Linear`: eagerly and in compiled buckets of several rows, `torch._weight_int8pack_mm`; in a compiled
   one-row bucket (the batch-1 decode step of infer.DecodeStep) the product is written as `(W.to(dtype) * x).sum(-1)
   * scale` so that Inductor generates one reduction kernel that converts the int8 weights as it streams them, as the
-  full-precision batch-1 step does with its matrix-vector products (infer._gemv_as_reductions): 1.25x the op's speed
-  per thread here (docs/inference.md).
+  full-precision batch-1 step does with its matrix-vector products (infer._gemv_as_reductions): 1.4x the op's speed
+  at two threads here, its input stored first (`materialize`; docs/inference.md).
 - `Int8Experts`: eagerly, one `_weight_int8pack_mm` per projection of each expert that received tokens; compiled, the
   gather-reduce form of `model.Experts._gathered` over the int8 weights (the op takes one weight matrix per call,
   and gathering the chosen experts' matrices would copy them).
