@@ -18,7 +18,10 @@ slice (V2-Lite's widths, heads, experts and 102,400-token vocabulary; 1 dense + 
 against llama.cpp in the same precision (bf16 GGUF), batch 1. Achieved bandwidth = bytes of weights one token reads
 (attention, the dense MLP, shared experts, the 6 routed experts chosen per layer, norms, the output head; one
 embedding row) x tokens/s, against the read bandwidth of this machine measured in the same run (two threads
-summing a 2 GiB tensor). `--int8` adds nanoseek weight-only int8 against llama.cpp's Q8_0 (labelled).
+summing a 2 GiB tensor). `--int8` adds nanoseek's weight-only int8 (`nanoseek.quant.quantize_int8`: int8 weights
+with a bf16 scale per output channel, bf16 activations) and llama.cpp's Q8_0 (int8 blocks of 32 with an fp16 scale;
+its matmuls also quantize the activations to int8): rows of a different precision from the bf16 ones, labelled so,
+with the bytes each format reads per token.
 
 llama.cpp comes from llama-cpp-python (the `bench` extra: built from source, minutes on two cores; install it into
 its own venv and pass `--llama-python`). Models, GGUF files and results go to `--out`.
@@ -73,6 +76,13 @@ def child_nanoseek(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     model = load(a.model_dir, dtype=dtype).eval()
+    quantize_s = None
+    if a.int8:
+        from nanoseek.quant import quantize_int8
+
+        t0 = time.perf_counter()
+        quantize_int8(model)
+        quantize_s = time.perf_counter() - t0
     prompts = json.loads(a.prompts)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -86,7 +96,7 @@ def child_nanoseek(a: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         engine.generate(prompts, sp)
         times.append(time.perf_counter() - t)
-    return {"tokens": tokens, "times": times, "warmup_s": warm}
+    return {"tokens": tokens, "times": times, "warmup_s": warm, "quantize_s": quantize_s}
 
 
 def child_transformers(a: argparse.Namespace) -> dict[str, Any]:
@@ -150,33 +160,37 @@ def child_llama(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_membw(a: argparse.Namespace) -> dict[str, Any]:
-    """Read bandwidth: two threads summing a 2 GiB bf16 tensor (the best of 5), as a decode step reads weights."""
+    """Read bandwidth: two threads reducing a 2 GiB tensor (the best of 5 per method), as a decode step streams its
+    weights. Methods: `sum` of fp32 and of bf16 (fp32 accumulation inside). (`bf16.sum(dtype=float32)` is not one:
+    it read 1.0-1.6 GB/s here, an unvectorised cast path.)"""
     import torch
 
     torch.set_num_threads(a.threads)
-    x = torch.ones(2**30, dtype=torch.bfloat16)
-    x.sum()
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum(dtype=torch.float32)
-        best = max(best, 2**31 / (time.perf_counter() - t) / 1e9)
-    return {"read_GBps": best}
+    best: dict[str, float] = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.ones(2**31 // torch.finfo(dt).bits * 8, dtype=dt)
+        x.sum()
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best[str(dt)] = max(best.get(str(dt), 0.0), 2**31 / (time.perf_counter() - t) / 1e9)
+        del x
+    return {"read_GBps": max(best.values()), "by_method": best}
 
 
 CHILDREN = {"nanoseek": child_nanoseek, "transformers": child_transformers, "llama": child_llama,
             "membw": child_membw}
 
 
-def spawn(python: str, engine: str, **kw: Any) -> dict[str, Any]:
+def spawn(python: str, engine: str, env: dict[str, str] | None = None, **kw: Any) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--child", engine]
     for k, v in kw.items():
         if isinstance(v, bool):
             cmd += [f"--{k.replace('_', '-')}"] if v else []
         elif v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)), **(env or {})))
     if r.returncode:
         raise RuntimeError(f"{engine} child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -226,14 +240,43 @@ def prepare(name: str, out: Path, file_types: tuple[str, ...]) -> dict[str, Any]
         if not (out / f"{name}-{ft}.gguf").is_file():
             export_gguf(d, out / f"{name}-{ft}.gguf", file_type=ft)
     meta = build(cfg, device="meta")
-    per_expert = sum(p[0].numel() for p in (meta.layers[-1].mlp.experts.gate_proj, meta.layers[-1].mlp.experts.up_proj,
-                                             meta.layers[-1].mlp.experts.down_proj)) if cfg.has_moe else 0
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    routed_all = n_moe * cfg.n_routed_experts * per_expert
     total = sum(p.numel() for n, p in meta.named_parameters() if not n.startswith("mtp."))
-    per_token = total - meta.embed_tokens.weight.numel() + cfg.hidden_size - routed_all \
-        + n_moe * cfg.num_experts_per_tok * per_expert
-    return {"dir": str(d), "params": total, "params_read_per_token": per_token, "vocab_size": cfg.vocab_size}
+    return {"dir": str(d), "params": total, "params_read_per_token": int(read_per_token(meta, "params")),
+            "bytes_read_per_token": {f: int(read_per_token(meta, f)) for f in ("bf16", "int8", "q8_0")},
+            "vocab_size": cfg.vocab_size}
+
+
+def read_per_token(model: Any, fmt: str) -> float:
+    """Weights one batch-1 decode step reads (MTP off): every tensor of the trunk and head, the chosen top-k of
+    the routed experts, one embedding row. fmt "params" counts parameters; "bf16", "int8" (nanoseek.quant: int8
+    linear layers and experts with a bf16 scale per output channel; `kv_b_proj`, norms, router and embedding bf16)
+    and "q8_0" (nanoseek's GGUF export: every 2-D weight in Q8_0, 34 bytes per 32, except norms and the router in
+    f32) count bytes."""
+    from torch import nn
+
+    from nanoseek.model import Experts, Router
+    from nanoseek.quant import ALIGN, KEEP
+
+    cfg, n = model.config, 0.0
+    for name, mod in model.named_modules():
+        if name.startswith("mtp") or isinstance(mod, nn.Embedding):
+            continue
+        if isinstance(mod, Experts):
+            frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+            for p in (mod.gate_proj, mod.up_proj, mod.down_proj):
+                per = {"params": 1, "bf16": 2, "int8": 1 + 2 / p.shape[-1] if p.shape[-1] % ALIGN == 0 else 2,
+                       "q8_0": 34 / 32}[fmt]
+                n += frac * p.numel() * per
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            lin = isinstance(mod, nn.Linear) and pname == "weight"
+            quant8 = lin and name.rsplit(".", 1)[-1] not in KEEP and p.shape[-1] % ALIGN == 0
+            per = {"params": 1, "bf16": 2, "int8": 1 + 2 / p.shape[-1] if quant8 else 2,
+                   "q8_0": 4 if p.ndim == 1 or isinstance(mod, Router) else 34 / 32 if p.shape[-1] % 32 == 0 else 2
+                   }[fmt]
+            n += p.numel() * per
+    emb = model.embed_tokens.weight
+    return n + emb.shape[1] * {"params": 1, "bf16": 2, "int8": 2, "q8_0": 34 / 32}[fmt]
 
 
 # ---- the two regimes --------------------------------------------------------------------------------------------
@@ -292,6 +335,20 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 + f" | identical {row['identical']} | nanoseek warm-up {row['nanoseek']['warmup_s']:.0f} s",
                 flush=True)
         results[name] = {"model": info, "rows": rows}
+        if args.warmup_cold:  # the batch-1 engine's warm-up from an empty Inductor cache, then from that cache
+            import tempfile
+
+            import torch
+
+            prompts = torch.randint(3, info["vocab_size"], (1, PROMPT_LEN),
+                                    generator=torch.Generator().manual_seed(1)).tolist()
+            with tempfile.TemporaryDirectory() as cache:
+                kw = {"model_dir": info["dir"], "prompts": json.dumps(prompts), "threads": args.threads,
+                      "repeats": 0, "env": {"TORCHINDUCTOR_CACHE_DIR": cache}}
+                cold, warm = (spawn(sys.executable, "nanoseek", **kw)["warmup_s"] for _ in range(2))
+            results[name]["warmup_batch1_s"] = {"cold": cold, "warm": warm}
+            print(f"{name}: compiled engine warm-up at batch 1: {cold:.1f} s from an empty compile cache, "
+                  f"{warm:.1f} s from a warm one", flush=True)
     return results
 
 
@@ -304,6 +361,14 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     common = {"prompts": json.dumps(prompts), "threads": args.threads, "repeats": args.repeats}
     bw = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
     runs = {"nanoseek bf16": spawn(sys.executable, "nanoseek", model_dir=info["dir"], dtype="bfloat16", **common)}
+    failed: dict[str, str] = {}
+    if args.int8:
+        try:  # a failure here must not cost the run's other rows
+            runs["nanoseek int8"] = spawn(sys.executable, "nanoseek", model_dir=info["dir"], dtype="bfloat16",
+                                          int8=True, **common)
+        except RuntimeError as e:
+            failed["nanoseek int8"] = str(e)[-2000:]
+            print(f"nanoseek int8 failed: {e}", flush=True)
     if args.llama_python:
         runs["llama.cpp bf16"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-bf16.gguf"),
                                        dtype="bfloat16", **common)
@@ -311,10 +376,12 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             runs["llama.cpp Q8_0"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-q8_0.gguf"),
                                            dtype="bfloat16", **common)
     bw_after = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
-    row: dict[str, Any] = {"read_GBps": [bw, bw_after], "model": info}
+    row: dict[str, Any] = {"read_GBps": [bw, bw_after], "model": info, "failed": failed}
     for k, r in runs.items():
         s = summary(r, 1)
-        bytes_tok = info["params_read_per_token"] * (1 if "Q8_0" in k or "int8" in k else 2)
+        bytes_tok = info["bytes_read_per_token"]["q8_0" if "Q8_0" in k else "int8" if "int8" in k else "bf16"]
+        s["weight_bytes_per_token"] = bytes_tok
+        s["quantize_s"] = r.get("quantize_s")
         s["weights_GBps"] = bytes_tok * s["tok_s"] / 1e9
         s["of_read_bw"] = s["weights_GBps"] / max(bw, bw_after)
         row[k] = s
@@ -326,9 +393,31 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         row["best: nanoseek / llama.cpp bf16"] = \
             row["nanoseek bf16"]["tok_s_best"] / row["llama.cpp bf16"]["tok_s_best"]
         row["identical"] = same_tokens(runs["nanoseek bf16"]["tokens"], runs["llama.cpp bf16"]["tokens"])
+        lead = _prefix(runs["nanoseek bf16"]["tokens"][0], runs["llama.cpp bf16"]["tokens"][0])
+        row["bf16 tokens equal to llama.cpp bf16's"] = lead
         print(f"nanoseek / llama.cpp (bf16): {row['nanoseek / llama.cpp bf16']:.2f}x; identical greedy tokens "
-              f"{row['identical']}", flush=True)
+              f"{row['identical']} (the first {lead} of 128 equal)", flush=True)
+    row["tokens"] = {k: r["tokens"][0] for k, r in runs.items()}
+    if "nanoseek int8" in runs:  # a different precision from the bf16 rows: int8 weights against Q8_0 blocks
+        ref = runs["nanoseek bf16"]["tokens"][0]
+        row["int8 tokens equal to nanoseek bf16's"] = _prefix(runs["nanoseek int8"]["tokens"][0], ref)
+        if "llama.cpp Q8_0" in runs:
+            row["int8: nanoseek / llama.cpp Q8_0"] = row["nanoseek int8"]["tok_s"] / row["llama.cpp Q8_0"]["tok_s"]
+            row["int8 best: nanoseek / llama.cpp Q8_0"] = \
+                row["nanoseek int8"]["tok_s_best"] / row["llama.cpp Q8_0"]["tok_s_best"]
+            row["Q8_0 tokens equal to nanoseek bf16's"] = _prefix(runs["llama.cpp Q8_0"]["tokens"][0], ref)
+            row["int8 tokens equal to Q8_0's"] = _prefix(runs["nanoseek int8"]["tokens"][0],
+                                                         runs["llama.cpp Q8_0"]["tokens"][0])
+            print(f"int8 rows (not the bf16 precision): nanoseek int8 / llama.cpp Q8_0 "
+                  f"{row['int8: nanoseek / llama.cpp Q8_0']:.2f}x", flush=True)
+        print("greedy tokens equal for the first N of 128: " + ", ".join(
+            f"{k} {v}" for k, v in row.items() if "tokens equal" in k), flush=True)
     return row
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share (different precisions: they part at a near-tie)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
@@ -341,7 +430,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["v3-320", "demo"], choices=("v3-320", "demo"))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--eager", action="store_true", help="also time nanoseek's eager engine (reference)")
-    ap.add_argument("--int8", action="store_true", help="bandwidth: also llama.cpp Q8_0 (int8 rows)")
+    ap.add_argument("--warmup-cold", action="store_true",
+                    help="overhead: also time the batch-1 warm-up from an empty compile cache and from a warm one")
+    ap.add_argument("--int8", action="store_true",
+                    help="bandwidth: also nanoseek weight-only int8 and llama.cpp Q8_0 (int8 rows); child: quantize")
     # child mode (internal)
     ap.add_argument("--child", choices=tuple(CHILDREN))
     ap.add_argument("--model-dir")

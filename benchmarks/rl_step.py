@@ -69,6 +69,8 @@ def run_nanoseek(model_dir: Path, out: Path, args: argparse.Namespace) -> list[f
     rl(cfg)
     recs = [r for r in read_jsonl(out / "metrics.jsonl") if "step_time" in r]
     assert all(r["len_mean"] == args.tokens for r in recs), "nanoseek completions were not of the forced length"
+    # where each step's time went (rollouts vs the rest) and reward-worker failures: a slow step can be told apart
+    args.nanoseek_detail = {k: [r[k] for r in recs] for k in ("rollout_tok_s", "train_tok_s", "reward_failures")}
     return [r["step_time"] for r in recs]
 
 
@@ -150,7 +152,8 @@ def main() -> None:
     tokens = args.prompts * args.group * args.tokens
     res = {"preset": args.preset, "P": args.prompts, "G": args.group, "N": args.tokens, "steps": args.steps,
            "threads": torch.get_num_threads(), "trl_gradient_checkpointing": not args.trl_no_checkpointing,
-           "nanoseek_step_s": ns, "trl_step_s": trl,
+           "nanoseek_step_s": ns, "trl_step_s": trl, "nanoseek_detail": getattr(args, "nanoseek_detail", None),
+           "load_average": os.getloadavg(),
            "nanoseek_median_s": ns_med, "trl_median_s": trl_med, "speedup": trl_med / ns_med}
     print(f"{'':10s} {'step (s)':>9s} {'completion tok/s':>17s}")
     print(f"{'nanoseek':10s} {ns_med:9.2f} {tokens / ns_med:17.0f}")

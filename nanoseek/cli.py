@@ -60,6 +60,8 @@ TRAIN_DTYPE_HELP = "autocast precision over fp32 weights: auto (bf16 on CUDA, fp
 AMX_NOTE = "; auto is also bf16 on AMX CPUs from hidden size 512 (measured: docs/training.md)"
 INFER_DTYPE_HELP = ("weights and KV cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | bfloat16 | float16 "
                     "(aliases fp32, bf16, fp16)")
+INT8_HELP = ("weight-only int8 linear layers, experts and head (CPU only; pair it with --dtype bfloat16: the int8 "
+             "matmul is vectorised for bf16 activations; docs/inference.md)")
 
 
 def _device_args(p: argparse.ArgumentParser, dtype_help: str, dtype_default: str | None = "auto") -> None:
@@ -177,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args.model, args.prompt, ids, max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, speculative=args.draft_tokens if args.speculative else 0,
                         chat=args.chat, ignore_eos=args.ignore_eos, compile=args.compile, dtype=args.dtype,
-                        device=args.device)
+                        device=args.device, int8=args.int8)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -556,7 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser, max_batch=args.max_batch, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images,
         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-        log_level=args.log_level, compile=args.compile, dtype=args.dtype, device=args.device))
+        log_level=args.log_level, compile=args.compile, dtype=args.dtype, device=args.device, int8=args.int8))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -591,6 +593,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile the decode step at startup (default: when the model is large enough for it to pay; "
                          "weights stay live; docs/inference.md)")
+    sp.add_argument("--int8", action="store_true", help=INT8_HELP)
     _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--seed", type=int, default=None, help="engine seed for unseeded requests")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -772,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile the decode step (default: when the model is large enough for it to pay; "
                          "docs/inference.md)")
+    sp.add_argument("--int8", action="store_true", help=INT8_HELP)
     _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--draft-tokens", type=int, default=1, help="MTP draft tokens per step (default 1, as V3)")
     sp.add_argument("--image", help="an image file: ask --prompt about it (Janus models)")

@@ -18,10 +18,11 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
                  max_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, speculative: int = 0, chat: bool = False,
                  ignore_eos: bool = False, compile: bool | None = None, dtype: str = "auto",
-                 device: str | None = None) -> int:
+                 device: str | None = None, int8: bool = False) -> int:
     """`nanoseek generate`: load an HF-format directory (and its tokenizer, if any), stream the completion to
     stdout, and a summary line (tokens, speed, finish reason, MTP acceptance) to stderr. device None: the default
-    device (nanoseek.device); dtype: weights and KV cache ("auto": bf16 on CUDA, fp32 on a CPU)."""
+    device (nanoseek.device); dtype: weights and KV cache ("auto": bf16 on CUDA, fp32 on a CPU); int8: weight-only
+    int8 linear layers and experts (nanoseek.quant, CPU)."""
     import json
 
     from . import load  # any model directory: a Janus one too (its LLM generates below)
@@ -32,6 +33,10 @@ def run_generate(model_dir: str | Path, prompt: str | None = None, prompt_ids: S
     model = load(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
     if not isinstance(model, Transformer):  # a Janus directory: text in, text out through its LLM
         model = model.language_model
+    if int8:
+        from .quant import quantize_int8
+
+        quantize_int8(model)
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer

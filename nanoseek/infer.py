@@ -208,9 +208,11 @@ class DecodeStep(nn.Module):
 def compile_pays(model: nn.Module) -> bool:
     """What `Engine(compile=None)` decides: compile the decode step for models of at least COMPILE_FROM_PARAMS
     parameters on a CPU or CUDA device. Below, the one-off compilation (seconds from a warm cache, tens of seconds
-    cold) is not repaid by the few decode steps small models are asked for (the test models: ~1M parameters)."""
+    cold) is not repaid by the few decode steps small models are asked for (the test models: ~1M parameters).
+    Buffers count too: a quantized model's int8 weights are buffers (nanoseek.quant)."""
     param = next(model.parameters())
-    return param.device.type in ("cpu", "cuda") and sum(p.numel() for p in model.parameters()) >= COMPILE_FROM_PARAMS
+    n = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+    return param.device.type in ("cpu", "cuda") and n >= COMPILE_FROM_PARAMS
 
 
 DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))

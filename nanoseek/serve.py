@@ -1055,6 +1055,7 @@ class ServeConfig:
     # pay, infer.compile_pays); its batch buckets are compiled at startup
     dtype: str = "auto"  # weights and cache: auto (bf16 on CUDA, fp32 on a CPU) | float32 | bfloat16 | float16
     device: str | None = None  # None: nanoseek.device.default_device() (CUDA if available, else CPU)
+    int8: bool = False  # weight-only int8 linear layers and experts (nanoseek.quant; CPU)
 
     def __post_init__(self) -> None:
         from .device import dtype_name
@@ -1124,6 +1125,10 @@ class Server:
             # as vLLM: the model's recommended sampling is the default (R1: 0.6 / 0.95)
             defaults = {k: g[k] for k in ("temperature", "top_p") if k in g}
             image_defaults = {}
+        if cfg.int8:
+            from .quant import quantize_int8
+
+            quantize_int8(model)
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
                         num_speculative_tokens=cfg.num_speculative_tokens, seed=cfg.seed, compile=cfg.compile)
         return cls(cfg, engine, tokenizer, defaults, janus, image_defaults)
