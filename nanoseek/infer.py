@@ -1098,11 +1098,13 @@ class _ImageTokenEmbed(nn.Module):
 def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg_weight: float = 5.0,
                           temperature: float = 1.0, seed: int | None = None, num_tokens: int | None = None,
                           progress: Callable[[int, int], None] | None = None,
-                          compile: bool | None = None) -> torch.Tensor:
+                          compile: bool | None = False) -> torch.Tensor:
     """Sample image tokens (B, num_tokens) for B prompts (each ending with <begin_of_image>), two rows per image
     through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token,
     on the engine's decode path (`DecodeStep`: compiled when `compile`, None = when it pays for the model's
-    size). Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
+    size). Eager by default: a call builds its own step, and compiling it (a graph per cache-span bucket, three
+    for a 576-token image) made one 384 px image 0.77x transformers' speed end to end (docs/benchmarks.md).
+    Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
     check_guidance(cfg_weight, temperature)
     cfg, lm = model.config, model.language_model
     N = num_tokens or cfg.num_image_tokens
