@@ -24,6 +24,7 @@ from torch import nn
 
 from .janus import Janus, check_guidance, guidance_rows, guided_next_tokens
 from .model import KVCache, Transformer
+from .prepack import prepack
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
 SPAN_BUCKET = 256  # the compiled decode step attends over 256, 512, 1024, ... cache slots
@@ -174,6 +175,9 @@ class DecodeStep(nn.Module):
         self.head = head if head is not None else model.lm_head
         self.compiled = compile
         device = next(model.parameters()).device
+        if device.type == "cpu":  # eager products (prefill, eager steps) through oneDNN's packed weights
+            prepack(model)
+            prepack(self.head)
         # cpp_wrapper: the graph's kernels are called from generated C++ rather than Python (a decode step is a few
         # hundred small kernels). Held in a list: an attribute would register the wrapper as a submodule (a cycle)
         self._graph = [torch.compile(self, dynamic=False, options={"cpp_wrapper": device.type == "cpu"})] \
@@ -1117,9 +1121,9 @@ def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg
     g = torch.Generator(param.device).manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     cache = KVCache(cfg.text, 2 * B, T + N, param.device, param.dtype)
     am = None if bool(mask.all()) else mask
-    h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
     step = DecodeStep(lm, _ImageTokenEmbed(model), model.generation_head,
                       compile=compile_pays(lm) if compile is None else compile)
+    h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
     logits = model.generation_head(h[:, -1]).float()
     out = torch.zeros(B, N, dtype=torch.long, device=param.device)
     for i in range(N):
