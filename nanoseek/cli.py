@@ -194,7 +194,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     from .imagine import run_imagine
 
     run_imagine(args.model, args.prompt, args.out, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
-                seed=args.seed, device=args.device, dtype=args.dtype)
+                seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile)
     return 0
 
 
@@ -803,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cfg", type=float, default=5.0, help="guidance weight, >= 1 (default 5, as Janus-Pro)")
     sp.add_argument("--temperature", type=float, default=1.0, help="default 1 (0 = greedy)")
     sp.add_argument("--seed", type=int, default=None, help="same seed, same images")
+    sp.add_argument("--compile", action="store_true",
+                    help="compile the decode step first (tens of seconds; then ~2x faster per token in bf16)")
     _device_args(sp, INFER_DTYPE_HELP)
     sp.add_argument("--out", required=True, help="output directory for image_*.png and grid.png")
     sp.set_defaults(func=cmd_imagine)

@@ -616,9 +616,10 @@ def _load_with_tokenizer(model_dir: Path, device: str | None, dtype: str | None)
 
 def run_imagine(model_dir: str | Path, prompt: str, out: str | Path, *, n: int = 4, cfg_weight: float = 5.0,
                 temperature: float = 1.0, seed: int | None = None, device: str | None = None,
-                dtype: str | None = None) -> list[Path]:
+                dtype: str | None = None, compile: bool = False) -> list[Path]:
     """`nanoseek imagine`: n images for one prompt, as PNGs and a grid in `out`. Everything is checked before the
-    model is loaded, and nothing is written until the images exist."""
+    model is loaded, and nothing is written until the images exist. `compile`: the compiled decode step (its
+    compilation takes tens of seconds; it pays in bf16, where it is ~2x faster per token: docs/janus.md)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if n < 1:
@@ -648,7 +649,7 @@ def run_imagine(model_dir: str | Path, prompt: str, out: str | Path, *, n: int =
                   console=_stderr_console()) as bar:
         task = bar.add_task("tokens", total=N)
         tokens = generate_image_tokens(model, [ids] * n, cfg_weight=cfg_weight, temperature=temperature, seed=seed,
-                                       progress=lambda i, _: bar.update(task, completed=i))
+                                       progress=lambda i, _: bar.update(task, completed=i), compile=compile)
     t1 = time.perf_counter()
     with torch.inference_mode():
         images = [im for chunk in tokens.split(4) for im in to_pil(model.decode_image(chunk),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +24,7 @@ from torch import nn
 
 from .janus import Janus, check_guidance, guidance_rows, guided_next_tokens
 from .model import KVCache, Transformer
-from .prepack import prepack
+from .prepack import DECOMPOSE_ROWS, prepack
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding (as vLLM)
 SPAN_BUCKET = 256  # the compiled decode step attends over 256, 512, 1024, ... cache slots
@@ -219,7 +219,6 @@ def compile_pays(model: nn.Module) -> bool:
     return param.device.type in ("cpu", "cuda") and n >= COMPILE_FROM_PARAMS
 
 
-DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
 
 
 @contextlib.contextmanager
@@ -1098,6 +1097,20 @@ class _ImageTokenEmbed(nn.Module):
         return self.generation_aligner(self.generation_embeddings(ids))
 
 
+# each Janus model's image decode steps, by (compiled, dtype, device): compiled graphs outlive one call
+_IMAGE_STEPS: weakref.WeakKeyDictionary[Janus, dict[tuple[bool, torch.dtype, torch.device], DecodeStep]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _image_step(model: Janus, compile: bool) -> DecodeStep:
+    param = next(model.parameters())
+    steps = _IMAGE_STEPS.setdefault(model, {})
+    key = (compile, param.dtype, param.device)  # a compiled bucket skips its guards: one step per dtype/device
+    if key not in steps:
+        steps[key] = DecodeStep(model.language_model, _ImageTokenEmbed(model), model.generation_head, compile=compile)
+    return steps[key]
+
+
 @torch.inference_mode()
 def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg_weight: float = 5.0,
                           temperature: float = 1.0, seed: int | None = None, num_tokens: int | None = None,
@@ -1106,8 +1119,10 @@ def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg
     """Sample image tokens (B, num_tokens) for B prompts (each ending with <begin_of_image>), two rows per image
     through the MHA/MLA KV cache: one prefill of the 2B rows, then one step of 2B single tokens per image token,
     on the engine's decode path (`DecodeStep`: compiled when `compile`, None = when it pays for the model's
-    size). Eager by default: a call builds its own step, and compiling it (a graph per cache-span bucket, three
-    for a 576-token image) made one 384 px image 0.77x transformers' speed end to end (docs/benchmarks.md).
+    size). The step is kept with the model (per dtype and device), so its compiled graphs (one per cache-span
+    bucket: three for a 576-token image) are built by the first call and reused by the next ones. Eager by
+    default: compiling costs tens of seconds that one call does not win back; a server, which samples many
+    images, passes None (docs/benchmarks.md, "Image generation").
     Official settings: cfg_weight 5, temperature 1, 576 tokens. temperature 0 is greedy."""
     check_guidance(cfg_weight, temperature)
     cfg, lm = model.config, model.language_model
@@ -1121,8 +1136,7 @@ def generate_image_tokens(model: Janus, prompts: Sequence[Sequence[int]], *, cfg
     g = torch.Generator(param.device).manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     cache = KVCache(cfg.text, 2 * B, T + N, param.device, param.dtype)
     am = None if bool(mask.all()) else mask
-    step = DecodeStep(lm, _ImageTokenEmbed(model), model.generation_head,
-                      compile=compile_pays(lm) if compile is None else compile)
+    step = _image_step(model, compile_pays(lm) if compile is None else compile)
     h, _ = lm.trunk(ids, attention_mask=am, cache=cache)
     logits = model.generation_head(h[:, -1]).float()
     out = torch.zeros(B, N, dtype=torch.long, device=param.device)

@@ -211,11 +211,12 @@ def png_bytes(image: Any) -> bytes:
 def generate_pngs(model: Janus, tokenizer: Any, processor: dict[str, Any], prompt: str | list[int], *, n: int,
                   guidance_scale: float, temperature: float, seed: int | None,
                   progress: Callable[[int, int], None] | None = None,
-                  between: Callable[[], None] | None = None) -> Iterator[tuple[int, bytes]]:
+                  between: Callable[[], None] | None = None,
+                  compile: bool | None = False) -> Iterator[tuple[int, bytes]]:
     """Text to n images as (index, PNG bytes), the way `nanoseek imagine` makes them: the same prompt, sampler, seed
     and decoding (VQ-decoded in chunks of 4), so the same arguments give the same files. `progress(i, N)` is called
     after each of the N image-token steps (it may raise to abort), `between()` after each step and each decoded
-    chunk (the server runs other work there)."""
+    chunk (the server runs other work there). `compile`: as generate_image_tokens'."""
     ids = prompt if isinstance(prompt, list) else generation_prompt(tokenizer, model.config, prompt)
 
     def step(i: int, total: int) -> None:
@@ -225,7 +226,7 @@ def generate_pngs(model: Janus, tokenizer: Any, processor: dict[str, Any], promp
             between()
 
     tokens = generate_image_tokens(model, [ids] * n, cfg_weight=guidance_scale, temperature=temperature, seed=seed,
-                                   progress=step)
+                                   progress=step, compile=compile)
     index = 0
     for chunk in tokens.split(4):
         with torch.inference_mode():

@@ -28,8 +28,11 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+# products of at most this many rows are left to Inductor's reductions in a compiled step (infer._gemv_as_reductions)
+DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
 PACK_ROWS = 8  # oneDNN's batch-size hint for the reorder: decode steps run 1-16 rows (docs/inference.md)
 DTYPES = (torch.float32, torch.bfloat16)
 # NANOSEEK_PREPACK=0 turns it off: the packed copies double the memory of the linear weights
@@ -59,38 +62,63 @@ def invalidate(*_: object) -> None:
 register_optimizer_step_post_hook(invalidate)
 
 
+# weight's data pointer -> (a weak reference to its storage, what the copy was made from, the packed copy). Global
+# rather than on the module, so that a compiled graph (which sees the weight tensor, not the module) finds it too
+_PACKED: dict[int, tuple[StorageWeakRef, tuple[object, ...], torch.Tensor]] = {}
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of the (out, in) weight w, made at first use and again whenever w changed since: its
+    version counter (in-place writes, load_state_dict), an optimizer step (`invalidate`), its storage (freed and
+    another tensor allocated at the same address: the storage's weak reference has expired), dtype or shape."""
+    key = (w._version, w.dtype, tuple(w.shape), w.stride(), w.storage_offset(), _optimizer_steps)
+    hit = _PACKED.get(w.data_ptr())
+    if hit is None or hit[0].expired() or hit[1] != key:
+        for ptr in [p for p, e in _PACKED.items() if e[0].expired()]:  # copies of freed weights
+            del _PACKED[ptr]
+        hit = (StorageWeakRef(w.untyped_storage()), key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS))
+        _PACKED[w.data_ptr()] = hit
+    return hit[2]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias, "none", [], "")
+
+
+@torch.library.custom_op("nanoseek::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through the packed copy of `weight`; an op a compiled graph calls as it is (its inputs are the
+    live parameters, so the copy is looked up, and refreshed, at every call)."""
+    return _linear(x, weight, bias)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def clear() -> None:
+    """Free every packed copy (they are rebuilt at their next use)."""
+    _PACKED.clear()
+
+
 class PackedLinear(nn.Linear):
-    """nn.Linear that multiplies through a oneDNN-packed copy of its weight when inference allows it."""
-
-    _packed: torch.Tensor | None = None
-    _packed_key: tuple[int, int, torch.dtype, int] | None = None
-
-    def _weight_packed(self) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, _optimizer_steps)
-        if key != self._packed_key:  # first use, or the weight was updated / replaced / cast since
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
-            self._packed_key = key
-        assert self._packed is not None
-        return self._packed
+    """nn.Linear that multiplies through a oneDNN-packed copy of its weight when inference allows it: no gradient
+    wanted, a CPU, fp32 or bf16; otherwise (training) plain F.linear. In a compiled graph: the packed op for
+    products of more than DECOMPOSE_ROWS rows; one-row products stay Inductor's reductions
+    (infer._gemv_as_reductions)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (torch.compiler.is_compiling() or w.device.type != "cpu" or w.dtype not in DTYPES or x.dtype != w.dtype
+        w, b = self.weight, self.bias
+        if (w.device.type != "cpu" or w.dtype not in DTYPES or x.dtype != w.dtype
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return F.linear(x, w, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._weight_packed(), bias, "none", [], "")
-
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the packed copy is a cache, rebuilt on use
-        state = self.__dict__.copy()
-        state.pop("_packed", None)
-        state.pop("_packed_key", None)
-        return state
-
-    def unpack(self) -> None:
-        """Drop the packed copy (it is rebuilt at the next inference call)."""
-        self._packed = self._packed_key = None
+            return F.linear(x, w, b)
+        if torch.compiler.is_compiling():
+            rows = x.numel() // x.shape[-1]  # static: a decode bucket's rows
+            if rows <= DECOMPOSE_ROWS:
+                return F.linear(x, w, b)
+            return torch.ops.nanoseek.packed_linear(x, w, b)
+        return _linear(x, w.detach(), None if b is None else b.detach())
 
 
 def prepack(model: nn.Module) -> nn.Module:
@@ -107,8 +135,8 @@ def prepack(model: nn.Module) -> nn.Module:
 
 def unpack(model: nn.Module) -> nn.Module:
     """Undo `prepack`: plain nn.Linear layers again, packed copies freed."""
+    clear()
     for m in model.modules():
         if isinstance(m, PackedLinear):
-            m.unpack()
             m.__class__ = nn.Linear
     return model

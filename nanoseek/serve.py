@@ -1400,7 +1400,8 @@ class Server:
 
             for index, png in generate_pngs(janus.model, self.tokenizer, janus.processor, ids, n=req.n,
                                             guidance_scale=guidance, temperature=temperature, seed=req.seed,
-                                            progress=progress, between=self.worker.interleave):
+                                            progress=progress, between=self.worker.interleave,
+                                            compile=self.cfg.compile):  # None: when it pays; graphs kept
                 job.check()
                 job.emit(("image", index, png))
 

@@ -32,7 +32,7 @@ def test_packed_product_equals_f_linear(dtype, shape):
     x = torch.randn(*shape, dtype=dtype)
     with torch.inference_mode():
         y = lin(x)
-    assert lin._packed is not None  # the packed path ran
+    assert lin.weight.data_ptr() in pp._PACKED  # the packed path ran
     ref = F.linear(x.double(), ref_w.double(), ref_b.double())
     assert y.shape == (*shape[:-1], 48) and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: the output is rounded to bf16 (8 bits of mantissa)
@@ -72,7 +72,7 @@ def test_training_is_plain_f_linear_with_the_same_gradients():
     x = torch.randn(4, 32)
     a(x).square().sum().backward()
     b(x).square().sum().backward()
-    assert b._packed is None  # no packed copy was made for a step that wants gradients
+    assert b.weight.data_ptr() not in pp._PACKED  # no packed copy was made for a step that wants gradients
     assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.bias.grad, b.bias.grad)
 
 
@@ -85,10 +85,11 @@ def test_copies_pickles_state_dicts_and_unpack():
     with torch.no_grad():
         m(torch.tensor([[0, 5, 17]]))  # packed copies now exist
     assert list(m.state_dict()) == keys
-    c = copy.deepcopy(m)  # the opaque packed tensors are a cache, not state: not copied
-    assert all(x._packed is None for x in c.modules() if isinstance(x, pp.PackedLinear))
-    pickle.loads(pickle.dumps(m))
+    c = pickle.loads(pickle.dumps(copy.deepcopy(m)))
+    with torch.no_grad():  # the copy packs its own weights
+        assert torch.equal(c(torch.tensor([[0, 5, 17]])), m(torch.tensor([[0, 5, 17]])))
     pp.unpack(m)
+    assert not pp._PACKED
     assert not any(isinstance(x, pp.PackedLinear) for x in m.modules())
     assert sum(type(x) is nn.Linear for x in m.modules()) > 0
 
@@ -113,7 +114,7 @@ def test_engine_greedy_tokens_packed_or_not():
         pp.ENABLED = True
     m = copy.deepcopy(plain)
     out = Engine(m, max_batch=2, max_model_len=64).generate(prompts, sp)
-    assert any(isinstance(x, pp.PackedLinear) and x._packed is not None for x in m.modules())
+    assert any(isinstance(x, pp.PackedLinear) and x.weight.data_ptr() in pp._PACKED for x in m.modules())
     assert [o.token_ids for o in out] == [o.token_ids for o in ref] and len(ref[0].token_ids) == 12
 
 
