@@ -81,7 +81,8 @@ def packed_weight(w: torch.Tensor) -> torch.Tensor:
     return hit[2]
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through the packed copy of `weight` (inference only: no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias, "none", [], "")
 
 
@@ -89,7 +90,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear through the packed copy of `weight`; an op a compiled graph calls as it is (its inputs are the
     live parameters, so the copy is looked up, and refreshed, at every call)."""
-    return _linear(x, weight, bias)
+    return packed_linear_eager(x, weight, bias)
 
 
 @packed_linear.register_fake
@@ -118,7 +119,7 @@ class PackedLinear(nn.Linear):
             if rows <= DECOMPOSE_ROWS:
                 return F.linear(x, w, b)
             return torch.ops.nanoseek.packed_linear(x, w, b)
-        return _linear(x, w.detach(), None if b is None else b.detach())
+        return packed_linear_eager(x, w.detach(), None if b is None else b.detach())
 
 
 def prepack(model: nn.Module) -> nn.Module:
