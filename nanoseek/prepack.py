@@ -2,9 +2,10 @@
 
 Why: a decode step multiplies a few rows by every weight matrix once, so it should stream the weights at the
 memory's pace. `F.linear` on a CPU goes to MKL's GEMM, which on this machine (AMD Zen 4, two threads) streams a
-2048 x 5632 fp32 weight at 8-9 GB/s for 2-16 rows; oneDNN's matmul on the same weight reordered once into its
-blocked layout (the layout Inductor's weight freezing gives it) runs at 27-28 GB/s in fp32 and 2-4x faster in bf16
-too (docs/inference.md, "Prepacked weights"). Results agree with `F.linear` to rounding (relative 1e-6 in fp32).
+5632 x 2048 fp32 weight from memory at 7-10 GB/s for 2-16 rows; oneDNN's matmul on the same weight reordered once
+into its blocked layout (the layout Inductor's weight freezing gives it) at 18-28 GB/s (2.3-2.9x), and 1.1-1.7x
+faster in bf16 (benchmarks/linear.py; docs/inference.md, "Prepacked weights"). Results agree with `F.linear` to rounding
+(relative 1e-6 in fp32).
 
 `prepack(model)` turns every `nn.Linear` of a model into a `PackedLinear` in place: the same class for everything
 else (an nn.Linear subclass holding the same Parameter objects, so state dicts, `save_pretrained`, optimizers and
@@ -71,7 +72,9 @@ def packed_weight(w: torch.Tensor) -> torch.Tensor:
     """oneDNN's packed copy of the (out, in) weight w, made at first use and again whenever w changed since: its
     version counter (in-place writes, load_state_dict), an optimizer step (`invalidate`), its storage (freed and
     another tensor allocated at the same address: the storage's weak reference has expired), dtype or shape."""
-    key = (w._version, w.dtype, tuple(w.shape), w.stride(), w.storage_offset(), _optimizer_steps)
+    # inference tensors (made under torch.inference_mode, e.g. a model loaded there) have no version counter
+    version = -1 if w.is_inference() else w._version
+    key = (version, w.dtype, tuple(w.shape), w.stride(), w.storage_offset(), _optimizer_steps)
     hit = _PACKED.get(w.data_ptr())
     if hit is None or hit[0].expired() or hit[1] != key:
         for ptr in [p for p, e in _PACKED.items() if e[0].expired()]:  # copies of freed weights

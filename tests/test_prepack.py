@@ -135,3 +135,11 @@ def test_writes_that_skip_the_version_counter(kind):
         opt.step()
     with torch.no_grad():
         assert torch.allclose(lin(x), F.linear(x, lin.weight.detach()), atol=1e-5)
+
+
+def test_weights_made_under_inference_mode():
+    # a model loaded or cast inside torch.inference_mode holds inference tensors: no version counter to read
+    with torch.inference_mode():
+        lin = packed(nn.Linear(16, 8))
+        x = torch.randn(2, 16)
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
