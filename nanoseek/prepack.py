@@ -34,6 +34,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # products of at most this many rows are left to Inductor's reductions in a compiled step (infer._gemv_as_reductions)
 DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
+# in a compiled graph the packed product is an opaque op whose call costs more than a small product: the demo's
+# 3.4M model decoded at half the speed at batch 4 with every product packed (docs/benchmarks.md, "Decode"). Only
+# weights that come from memory rather than the caches are worth it there
+COMPILED_MIN_BYTES = 4 << 20
 PACK_ROWS = 8  # oneDNN's batch-size hint for the reorder: decode steps run 1-16 rows (docs/inference.md)
 DTYPES = (torch.float32, torch.bfloat16)
 # NANOSEEK_PREPACK=0 turns it off: the packed copies double the memory of the linear weights
@@ -109,8 +113,8 @@ def clear() -> None:
 class PackedLinear(nn.Linear):
     """nn.Linear that multiplies through a oneDNN-packed copy of its weight when inference allows it: no gradient
     wanted, a CPU, fp32 or bf16; otherwise (training) plain F.linear. In a compiled graph: the packed op for
-    products of more than DECOMPOSE_ROWS rows; one-row products stay Inductor's reductions
-    (infer._gemv_as_reductions)."""
+    products of more than DECOMPOSE_ROWS rows by weights of at least COMPILED_MIN_BYTES; one-row products stay
+    Inductor's reductions (infer._gemv_as_reductions), small weights Inductor's GEMM calls."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -119,7 +123,7 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, b)
         if torch.compiler.is_compiling():
             rows = x.numel() // x.shape[-1]  # static: a decode bucket's rows
-            if rows <= DECOMPOSE_ROWS:
+            if rows <= DECOMPOSE_ROWS or w.numel() * w.element_size() < COMPILED_MIN_BYTES:
                 return F.linear(x, w, b)
             return torch.ops.nanoseek.packed_linear(x, w, b)
         return packed_linear_eager(x, w.detach(), None if b is None else b.detach())

@@ -143,3 +143,35 @@ def test_weights_made_under_inference_mode():
         lin = packed(nn.Linear(16, 8))
         x = torch.randn(2, 16)
         assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+
+
+def test_compiled_step_calls_the_packed_op_and_sees_an_optimizer_step(monkeypatch):
+    # the test model's weights are small: let every product of the compiled batch-2 step take the packed op
+    monkeypatch.setattr(pp, "COMPILED_MIN_BYTES", 0)
+    rows_seen: list[int] = []
+    eager = pp.packed_linear_eager
+
+    def counting(x, weight, bias=None):
+        rows_seen.append(x.numel() // x.shape[-1])
+        return eager(x, weight, bias)
+
+    monkeypatch.setattr(pp, "packed_linear_eager", counting)
+    torch.manual_seed(0)
+    policy = build("tiny").eval()
+    with torch.no_grad():
+        policy.norm.weight.fill_(8.0)
+    prompts = [[0, 5, 17, 99, 3], [0, 7, 300, 41]]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine = Engine(policy, max_batch=2, max_model_len=32, compile=True)
+    before = [o.token_ids for o in engine.generate(prompts, sp)]
+    assert 2 in rows_seen  # decode steps of 2 rows went through the op (prefill runs 9 rows, eagerly)
+    opt = torch.optim.AdamW(policy.parameters(), lr=0.05, fused=True)  # writes without bumping versions
+    x = torch.randint(3, 512, (2, 12))
+    policy.loss(x[:, :-1], x[:, 1:])["loss"].backward()
+    opt.step()
+    policy.eval()
+    after = [o.token_ids for o in engine.generate(prompts, sp)]
+    monkeypatch.setattr(pp, "ENABLED", False)
+    fresh = [o.token_ids for o in Engine(copy.deepcopy(pp.unpack(copy.deepcopy(policy))), max_batch=2,
+                                         max_model_len=32, compile=False).generate(prompts, sp)]
+    assert after == fresh and after != before
