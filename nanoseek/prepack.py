@@ -119,6 +119,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if (w.device.type != "cpu" or w.dtype not in DTYPES or x.dtype != w.dtype
+                or type(w.data) is not torch.Tensor or type(x) is not torch.Tensor  # DTensor (FSDP2), subclasses
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return F.linear(x, w, b)
         if torch.compiler.is_compiling():
