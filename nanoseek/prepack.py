@@ -17,8 +17,9 @@ training loop's rollouts (GRPO) see the current policy. Other writes that bypass
 `param.data`) must call `invalidate()`. The cost: one more copy
 of the linear weights in memory while packed, and one reorder pass over a weight after each change.
 
-Eager steps only: a compiled decode step (`infer.DecodeStep(compile=True)`) keeps Inductor's own code for its
-products (its traced graph sees plain `F.linear`).
+Eager calls run oneDNN directly. A compiled decode step (`infer.DecodeStep(compile=True)`) calls it as the custom
+op `nanoseek::packed_linear` for products of several rows by weights of at least COMPILED_MIN_BYTES, and keeps
+Inductor's own code for the others (one-row products: its reductions; small weights: its GEMM calls).
 """
 
 from __future__ import annotations
