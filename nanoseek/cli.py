@@ -150,12 +150,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if args.model is None:
             raise ValueError(f"--task {args.task} evaluates a local Janus directory: give --model DIR")
+        if args.task == "shapes-vqa" and args.temperature is not None:
+            raise ValueError("--task shapes-vqa answers greedily: --temperature does not apply")
         run_janus_eval(JanusEvalConfig(task=args.task, model=args.model, out=args.out, n=args.n,
                                        cfg_weight=args.cfg, world=args.world, split=args.split, device=args.device,
+                                       temperature=1.0 if args.temperature is None else args.temperature,
                                        dtype="float32" if args.dtype == "auto" else args.dtype))
         return 0
     s = evaluate(EvalConfig(task=args.task, model=args.model, url=args.url, served_model=args.served_model,
-                            api_key=args.api_key, k=args.k, n=args.n or 200, temperature=args.temperature,
+                            api_key=args.api_key, k=args.k, n=args.n or 200,
+                            temperature=0.6 if args.temperature is None else args.temperature,
                             top_p=args.top_p, max_tokens=args.max_tokens, prompt_format=args.prompt_format,
                             out=args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                             task_options=parse_overrides(args.task_option) or None))
@@ -739,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=8, help="samples per item (default 8)")
     sp.add_argument("--n", type=int, default=None,
                     help="held-out items (default 200; shapes-geneval 360 prompts, shapes-vqa 600 questions)")
-    sp.add_argument("--temperature", type=float, default=0.6)
+    sp.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default 0.6; shapes-geneval: 1, Janus-Pro's image sampling)")
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--prompt-format", choices=["chat", "r1_zero"], default="chat")

@@ -192,10 +192,20 @@ def test_bad_input_fails_before_compute(world_vq, trained, tmp_path, capsys):
     assert main(["eval", "--task", "shapes-geneval", "--model", trained["model"], "--world",
                  str(tmp_path / "big" / "world.json"), "--n", "6"]) == 2
     assert "48x48" in capsys.readouterr().err
+    assert main(["eval", "--task", "shapes-vqa", "--model", trained["model"], "--temperature", "0.5"]) == 2
+    assert "greedily" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no VQ"):
         train_janus(_cfg(world_vq, "novq", vq=""))
     with pytest.raises(ValueError, match="understanding_encoder|no training data"):
         train_janus(_cfg(world_vq, "nodata", data=""))
+
+
+def test_eval_cli_passes_the_sampling_temperature(trained, tmp_path):
+    # --temperature reaches the image sampler (it was once dropped for the shapes tasks: 1 whatever was asked)
+    assert main(["eval", "--task", "shapes-geneval", "--model", trained["model"], "--n", "6", "--cfg", "1",
+                 "--temperature", "0.5", "--out", str(tmp_path / "t05")]) == 0
+    summary = json.loads((tmp_path / "t05" / "summary.json").read_text())
+    assert summary["temperature"] == 0.5 and "temperature 0.5" in (tmp_path / "t05" / "summary.md").read_text()
 
 
 def test_the_findings_run_on_the_runner(trained, tmp_path):
