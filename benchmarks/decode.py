@@ -306,14 +306,23 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                     generator=torch.Generator().manual_seed(B)).tolist()
             common = {"prompts": json.dumps(prompts), "threads": args.threads, "repeats": args.repeats,
                       "dtype": "float32"}
-            runs = {"nanoseek": spawn(sys.executable, "nanoseek", model_dir=info["dir"], **common),
-                    "transformers": spawn(sys.executable, "transformers", model_dir=info["dir"], **common)}
-            if args.eager:
-                runs["nanoseek eager"] = spawn(sys.executable, "nanoseek", model_dir=info["dir"], eager=True, **common)
-            if B == 1 and args.llama_python:
-                runs["llama.cpp"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-f32.gguf"),
-                                          text=SAMPLE_TEXT, **common)
+            rounds: list[dict[str, dict[str, Any]]] = []
+            for _ in range(args.rounds):  # the engines alternate, one process each per round
+                runs = {"nanoseek": spawn(sys.executable, "nanoseek", model_dir=info["dir"], **common),
+                        "transformers": spawn(sys.executable, "transformers", model_dir=info["dir"], **common)}
+                if args.eager:
+                    runs["nanoseek eager"] = spawn(sys.executable, "nanoseek", model_dir=info["dir"], eager=True,
+                                                   **common)
+                if B == 1 and args.llama_python:
+                    runs["llama.cpp"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-f32.gguf"),
+                                              text=SAMPLE_TEXT, **common)
+                rounds.append(runs)
+            runs = {k: {**v, "times": [t for rd in rounds for t in rd[k]["times"]]} for k, v in rounds[0].items()}
             row: dict[str, Any] = {"batch": B, **{k: summary(v, B) for k, v in runs.items()}}
+            if args.rounds > 1:  # each round's ratio of medians: how far the machine's state moves it
+                row["ratios by round"] = {k: [statistics.median(rd[k]["times"]) / statistics.median(rd["nanoseek"]
+                                                                                                    ["times"])
+                                              for rd in rounds] for k in runs if k != "nanoseek"}
             if "llama.cpp" in runs:  # the GGUF's tokenizer (deepseek-v3 pre-tokenizer) against nanoseek's
                 from nanoseek.tokenizer import Tokenizer
 
@@ -332,8 +341,9 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                 if k.startswith("nanoseek / "))
                 + " | best-of-runs ratio " + " ".join(f"x{k.split(' / ')[1]} {v:.2f}" for k, v in row.items()
                                                       if k.startswith("best: "))
-                + f" | identical {row['identical']} | nanoseek warm-up {row['nanoseek']['warmup_s']:.0f} s",
-                flush=True)
+                + f" | identical {row['identical']} | nanoseek warm-up {row['nanoseek']['warmup_s']:.0f} s"
+                + "".join(f" | by round x{k}: " + " ".join(f"{x:.2f}" for x in v)
+                          for k, v in row.get("ratios by round", {}).items()), flush=True)
         results[name] = {"model": info, "rows": rows}
         if args.warmup_cold:  # the batch-1 engine's warm-up from an empty Inductor cache, then from that cache
             import tempfile
@@ -427,6 +437,9 @@ def main() -> None:
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python (the bench extra); omit: no llama.cpp")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="overhead: run every engine's process this many times, alternating (the timed runs are "
+                         "pooled; each round's ratio is printed)")
     ap.add_argument("--configs", nargs="+", default=["v3-320", "demo"], choices=("v3-320", "demo"))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--eager", action="store_true", help="also time nanoseek's eager engine (reference)")
