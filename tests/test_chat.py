@@ -17,10 +17,7 @@ from nanoseek.serve import BackgroundServer, ServeConfig, Server
 
 from .test_serve import ANSWER, REASONING, make_model_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[0, 5, 17, 99, 3], [0, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")

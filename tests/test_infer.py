@@ -22,14 +22,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPTS = [[0, 5, 17, 99, 3], [0, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 42, 43], [0, 300, 301, 302, 303]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Decode-sized ops gain nothing from a second thread, and on a busy machine two threads wait for each other
-    (this file: ~5 s with one thread, ~35 s with two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# decode-sized ops gain nothing from a second thread (this file: ~5 s with one thread, ~35 s with two under load)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,7 @@ SMALL = {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.first_k_d
          "model.moe_intermediate_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ from nanoseek import build
 from nanoseek import prepack as pp
 from nanoseek.infer import Engine, SamplingParams
 
+from .hf_ref import sharp_tiny
+
 pytestmark = pytest.mark.skipif(not pp.available(), reason="this PyTorch build has no oneDNN")
-
-
-def packed(lin: nn.Linear) -> nn.Linear:
-    return pp.prepack(lin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,7 +25,7 @@ def test_packed_product_equals_f_linear(dtype, shape):
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=True).to(dtype)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    packed(lin)
+    pp.prepack(lin)
     assert type(lin) is pp.PackedLinear
     x = torch.randn(*shape, dtype=dtype)
     with torch.inference_mode():
@@ -41,7 +39,7 @@ def test_packed_product_equals_f_linear(dtype, shape):
 
 def test_live_weights_optimizer_step_load_state_dict_and_dtype():
     torch.manual_seed(0)
-    lin = packed(nn.Linear(32, 16, bias=False))
+    lin = pp.prepack(nn.Linear(32, 16, bias=False))
     x = torch.randn(4, 32)
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     with torch.no_grad():
@@ -68,7 +66,7 @@ def test_live_weights_optimizer_step_load_state_dict_and_dtype():
 def test_training_is_plain_f_linear_with_the_same_gradients():
     torch.manual_seed(0)
     a = nn.Linear(32, 16)
-    b = packed(copy.deepcopy(a))
+    b = pp.prepack(copy.deepcopy(a))
     x = torch.randn(4, 32)
     a(x).square().sum().backward()
     b(x).square().sum().backward()
@@ -101,10 +99,7 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_engine_greedy_tokens_packed_or_not():
-    torch.manual_seed(0)
-    plain = build("tiny").eval()
-    with torch.no_grad():  # sharper logits than N(0, 0.02) weights give: greedy choices with clear margins
-        plain.norm.weight.fill_(8.0)
+    plain = sharp_tiny()
     prompts = [[0, 5, 17, 99, 3], [0, 7, 300, 41]]
     sp = SamplingParams(max_tokens=12, temperature=0.0)
     pp.ENABLED = False
@@ -122,7 +117,7 @@ def test_engine_greedy_tokens_packed_or_not():
 def test_writes_that_skip_the_version_counter(kind):
     """A fused AdamW writes parameters without bumping their version (torch 2.13): the optimizer hook repacks."""
     torch.manual_seed(0)
-    lin = packed(nn.Linear(32, 16, bias=False))
+    lin = pp.prepack(nn.Linear(32, 16, bias=False))
     x = torch.randn(4, 32)
     with torch.no_grad():
         lin(x)
@@ -140,7 +135,7 @@ def test_writes_that_skip_the_version_counter(kind):
 def test_weights_made_under_inference_mode():
     # a model loaded or cast inside torch.inference_mode holds inference tensors: no version counter to read
     with torch.inference_mode():
-        lin = packed(nn.Linear(16, 8))
+        lin = pp.prepack(nn.Linear(16, 8))
         x = torch.randn(2, 16)
         assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
 
@@ -156,10 +151,7 @@ def test_compiled_step_calls_the_packed_op_and_sees_an_optimizer_step(monkeypatc
         return eager(x, weight, bias)
 
     monkeypatch.setattr(pp, "packed_linear_eager", counting)
-    torch.manual_seed(0)
-    policy = build("tiny").eval()
-    with torch.no_grad():
-        policy.norm.weight.fill_(8.0)
+    policy = sharp_tiny()
     prompts = [[0, 5, 17, 99, 3], [0, 7, 300, 41]]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     engine = Engine(policy, max_batch=2, max_model_len=32, compile=True)
@@ -172,6 +164,6 @@ def test_compiled_step_calls_the_packed_op_and_sees_an_optimizer_step(monkeypatc
     policy.eval()
     after = [o.token_ids for o in engine.generate(prompts, sp)]
     monkeypatch.setattr(pp, "ENABLED", False)
-    fresh = [o.token_ids for o in Engine(copy.deepcopy(pp.unpack(copy.deepcopy(policy))), max_batch=2,
-                                         max_model_len=32, compile=False).generate(prompts, sp)]
+    fresh = [o.token_ids for o in Engine(pp.unpack(copy.deepcopy(policy)), max_batch=2, max_model_len=32,
+                                         compile=False).generate(prompts, sp)]
     assert after == fresh and after != before

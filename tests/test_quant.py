@@ -14,21 +14,17 @@ from nanoseek.infer import Engine, SamplingParams, compile_pays
 from nanoseek.model import Experts
 from nanoseek.quant import Int8Experts, Int8Linear, quantize_int8, quantize_weight
 
+from .hf_ref import sharp_tiny
+
 PROMPTS = [[0, 5, 17, 99, 3], [0, 7, 300, 41]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build("tiny").eval()
-    with torch.no_grad():  # sharper logits (8x) than N(0, 0.02) weights give: greedy choices with clear margins
-        m.norm.weight.fill_(8.0)
-    return m
+    return sharp_tiny()
 
 
 def test_quantize_weight_round_trip():

@@ -57,9 +57,7 @@ def make_model_dir(root: Path, reasoning: str = REASONING, answer: str = ANSWER)
     return save_pretrained(model, root / "model", tokenizer=root / "tok")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")

@@ -66,9 +66,7 @@ def pngs(response) -> list:
     return [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in response.data]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread for tiny ops
 
 
 @pytest.fixture(scope="module")
