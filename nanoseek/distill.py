@@ -967,8 +967,6 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
             mask = b["targets"] != -100
             total += float(masked_mean(token_divergence(forward(student, b), forward(teacher, b), "forward_kl"),
                                        mask))
-        for r in student.routers():
-            r.expert_load.zero_()
         student.train(was)
         return total / len(eval_set)
 
@@ -994,9 +992,7 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
                 cursor += cfg.batch_size
                 student.eval()
                 b = _to_device(_on_policy_batch(engine, tok, task, batch_items, cfg, step), device)
-                student.train()
-                for r in student.routers():  # sampling forwards are not training tokens for the bias update
-                    r.expert_load.zero_()
+                student.train()  # (eval-mode sampling forwards do not count towards the bias update)
                 flops += sampling_flops(student.config, b["prompt_tokens"], b["completion_tokens"], cfg.batch_size)
             else:
                 b = _to_device(next(batches), device)
@@ -1017,8 +1013,6 @@ def kd(cfg: KDConfig) -> dict[str, Any]:
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             for o in opts:
                 o.step()
-            for r in teacher.routers():  # the frozen teacher's loads are not a training signal
-                r.expert_load.zero_()
             student.update_router_bias(cfg.bias_update_speed)
             n_tok = int(b["input_ids"].numel())
             flops += n_tok * (3 * fwd_s + fwd_t)

@@ -578,6 +578,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry of x along its last dim in descending order (0 = largest), ties to the lower index:
+    `x.topk(k)` picks the entries of rank < k, in rank order. O(n^2) compares, for small n (experts, groups)."""
+    xi, xj = x[..., :, None], x[..., None, :]
+    before = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device).tril(-1)  # j < i
+    return ((xj > xi) | ((xj == xi) & before)).sum(-1)
+
+
 class Router(nn.Module):
     """Scores, selects and weights experts for each token (saved as `mlp.gate` in HF checkpoints)."""
 
@@ -591,7 +599,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         else:
             self.e_score_correction_bias = None
-        # tokens routed to each expert since the last bias update (not saved)
+        # training tokens routed to each expert since the last bias update (not saved; eval forwards do not count)
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         # training forwards since the last bias update: [sum over sequences of their MaxVio, sequences] (not saved)
         self.register_buffer("sequence_vio", torch.zeros(2), persistent=False)
@@ -614,15 +622,31 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        # a compiled decode step selects by ranks (elementwise compares and sums Inductor fuses with the scores)
+        # instead of topk calls: each topk is a library call that splits the step's fused kernels (the demo model's
+        # batch-1 step spent ~20% of its time in them, docs/inference.md); same picks and order, ties to the lower index
+        ranked = torch.compiler.is_compiling() and not torch.is_grad_enabled()
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             # node-limited routing (V3 section 2.1.2 / V2 "device-limited"): keep the topk_group best groups,
             # a group scored by its top-2 biased scores (V3) or its best expert (V2)
             g = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            group_score = g.topk(2, dim=-1).values.sum(-1) if cfg.topk_method == "noaux_tc" else g.amax(-1)
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+            if cfg.topk_method != "noaux_tc":
+                group_score = g.amax(-1)
+            elif ranked:
+                group_score = torch.where(_ranks(g) < 2, g, 0.0).sum(-1)
+            else:
+                group_score = g.topk(2, dim=-1).values.sum(-1)
+            if ranked:
+                keep = _ranks(group_score) < cfg.topk_group
+            else:
+                keep = torch.zeros_like(group_score, dtype=torch.bool)
+                keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
             choice = g.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        if ranked:  # the expert of rank r in column r: the order topk returns (descending)
+            K = torch.arange(cfg.num_experts_per_tok, device=choice.device)
+            idx = (_ranks(choice)[:, None, :] == K[None, :, None]).int().argmax(-1)
+        else:
+            idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
         w = scores.gather(1, idx)  # V3 eq. 13: gating values come from the unbiased scores
         if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
@@ -684,14 +708,18 @@ class Experts(nn.Module):
         experts, as a grouped GEMM's, without a kernel call per expert (docs/inference.md). Eagerly it would
         materialise the products: only for compiled inference."""
         N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        e, token = flat[order], order // K  # (N*K,) pairs sorted by expert
+        flat, wf = idx.flatten(), w.flatten()
+        if N > 1:  # one token's K experts are distinct: nothing to share, and no sort call in the graph
+            order = flat.argsort(stable=True)
+            flat, wf = flat[order], wf[order]
+        else:
+            order = torch.arange(K, device=idx.device)
+        e, token = flat, order // K  # (N*K,) pairs sorted by expert
         dt = x.dtype
         xs = x[token]  # (N*K, D)
         g = (self.gate_proj[e].to(dt) * xs[:, None, :]).sum(-1)  # (N*K, I)
         u = (self.up_proj[e].to(dt) * xs[:, None, :]).sum(-1)
-        h = F.silu(g) * u * w.flatten()[order, None].to(dt)  # gate weight before the down projection (linear)
+        h = F.silu(g) * u * wf[:, None].to(dt)  # gate weight before the down projection (linear)
         y = (self.down_proj[e].to(dt) * h[:, None, :]).sum(-1)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token, y)
 
@@ -762,11 +790,10 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, scores = self.gate(flat)
-        with torch.no_grad():  # expert load for the aux-loss-free bias update and MaxVio reporting
-            # scatter_add, not bincount: a static output shape, so a compiled decode step keeps one graph
-            load = self.gate.expert_load
-            load.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=load.dtype, device=load.device))
-            if self.training:
+        if self.training:  # expert load of training tokens only: the bias update and MaxVio reporting
+            with torch.no_grad():  # (evaluation and sampling forwards are not training tokens)
+                load = self.gate.expert_load
+                load.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=load.dtype, device=load.device))
                 # sequence-wise MaxVio: each row's own load (the unit the sequence-wise balance loss, V3 eq. 17,
                 # balances); V3 §4.5.3 contrasts balance per sequence with balance per batch
                 seq = torch.zeros(B, load.numel(), dtype=load.dtype, device=load.device).scatter_add_(

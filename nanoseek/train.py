@@ -545,8 +545,6 @@ def evaluate(model: Transformer, cfg: TrainConfig, rank: int, world: int, device
             total += model.loss(b["input_ids"].to(device), b["targets"].to(device),
                                 document_ids=b["document_ids"].to(device), mtp_lambda=0.0,
                                 balance_alpha=0.0)["main"].item()
-    for r in model.routers():  # evaluation must not count towards the bias update
-        r.expert_load.zero_()
     model.train(was_training)
     return float(_all_mean(torch.tensor([total / cfg.eval_batches], device=device)))
 
