@@ -337,7 +337,8 @@ class LocalTeacher:
         prompts = [self.tokenizer.encode_chat(msgs, add_generation_prompt=True) for _, msgs in requests]
         engine = self._engine_for(max(map(len, prompts)))
         params = [SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                 seed=_sample_seed(self.seed, pid, j)) for pid, _ in requests for j in range(k)]
+                                 seed=_sample_seed(self.seed, pid, j), detokenize=False)
+                  for pid, _ in requests for j in range(k)]
         outs = engine.generate([p for p in prompts for _ in range(k)], params)
         result: list[list[dict[str, Any]]] = []
         for i, (_pid, _msgs) in enumerate(requests):
@@ -865,7 +866,8 @@ def _on_policy_batch(engine: Any, tok: Tokenizer, task: Task, items: list[dict[s
 
     prompts = [task.encode_prompt(it, tok, "chat") for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
-                             seed=_sample_seed(cfg.seed, f"kd{step}", j)) for j in range(len(items))]
+                             seed=_sample_seed(cfg.seed, f"kd{step}", j), detokenize=False)
+              for j in range(len(items))]
     outs = engine.generate(prompts, params)
     T = max(len(p) + len(o.token_ids) for p, o in zip(prompts, outs))
     pad = tok.pad_id or 0

@@ -90,7 +90,7 @@ def _local_sampler(cfg: EvalConfig, task: Task):
         engine = Engine(model, tok, max_batch=cfg.max_batch, max_model_len=max(map(len, prompts)) + cfg.max_tokens + 1,
                         seed=cfg.seed)
         params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=temperature, top_p=cfg.top_p if temperature
-                                 else 1.0, seed=derive_seed(cfg.seed, "eval", i, j))
+                                 else 1.0, seed=derive_seed(cfg.seed, "eval", i, j), detokenize=False)
                   for i in range(len(items)) for j in range(k)]
         outs = engine.generate([p for p in prompts for _ in range(k)], params)
         # the chat template pre-fills "<think>\n": graders see the completion, reasoning then "</think>" and answer

@@ -64,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; 0: of the sampled token; n: also the n most likely tokens
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, text "" (vLLM's flag), for callers that decode the ids themselves
 
     def __post_init__(self) -> None:
         errors = []
@@ -87,6 +88,8 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not s for s in self.stop):
             errors.append("stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            errors.append("stop strings need detokenize=True (they are matched in the text)")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids or ())
         if any(t < 0 for t in self.stop_token_ids):
             errors.append(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
@@ -720,7 +723,8 @@ class Engine:
         rid = request_id if request_id is not None else str(next(self._ids))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
-        text = _Text(self.tokenizer, params) if self.tokenizer is not None else None
+        # the incremental detokenizer decodes two windows per token: skipped when the caller only wants the ids
+        text = _Text(self.tokenizer, params) if self.tokenizer is not None and params.detokenize else None
         embeds = prompt_embeds.to(self.device, self.dtype) if prompt_embeds is not None else None
         req = _Request(rid, prompt, params, max_tokens, stop_ids, gen, text, embeds)
         with self._lock:

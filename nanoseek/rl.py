@@ -202,10 +202,15 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     ids, pos, tgt, mask = ids.to(device), pos.to(device), tgt.to(device), mask.to(device)
     h, _ = model.trunk(ids)
     h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # only the positions that predict completions
-    logits = model.lm_head(h).float() / temperature
+    logits = model.lm_head(h).float()
+    if temperature != 1.0:  # dividing by 1 would still be a pass over (B, L, V) logits, and another in backward
+        logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    ent = None
+    if with_entropy:
+        with torch.no_grad():  # a logged statistic: no autograd graph through it
+            ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, mask, ent
 
 
@@ -233,7 +238,7 @@ def evaluate_accuracy(engine: Engine, tokenizer: Tokenizer, items: list[dict[str
     if not items:
         return {}
     prompts = [task.encode_prompt(it, tokenizer, fmt) for it in items]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False))
     texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
     correct = [task.correct(it, t) for it, t in zip(items, texts)]
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct,
@@ -463,7 +468,7 @@ def _rollout(engine: Engine, tokenizer: Tokenizer, rewarder: RewardRunner, task:
     G = cfg.group_size
     prompts = [task.encode_prompt(it, tokenizer, cfg.prompt_format) for it in items]
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                             logprobs=0, ignore_eos=cfg.ignore_eos,
+                             logprobs=0, ignore_eos=cfg.ignore_eos, detokenize=False,
                              seed=derive_seed(cfg.seed, "rollout", step, round_, j))
               for j in range(len(items) * G)]
     with autocast():

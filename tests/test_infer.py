@@ -226,6 +226,25 @@ def test_stop_strings_never_leak_a_partial_stop_string(model):
     assert out.text == full.text[: first + len(stop)] and out.stop_reason == stop
 
 
+def test_detokenize_false_returns_the_same_ids_without_decoding(model):
+    """vLLM's detokenize=False: the same tokens, no text, and no tokenizer call per token (GRPO, eval and
+    distillation decode the ids themselves)."""
+    calls = []
+
+    class Counting(CharTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            calls.append(len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    params = dict(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    with_text = Engine(model, Counting(), max_batch=2).generate(PROMPTS[:2], SamplingParams(**params))
+    assert len(calls) >= 2 * 12 and all(o.text for o in with_text)
+    calls.clear()
+    ids_only = Engine(model, Counting(), max_batch=2).generate(PROMPTS[:2], SamplingParams(**params, detokenize=False))
+    assert calls == [] and [o.text for o in ids_only] == ["", ""]
+    assert [o.token_ids for o in ids_only] == [o.token_ids for o in with_text]
+
+
 def test_text_deltas_with_a_real_byte_level_tokenizer(tmp_path):
     from nanoseek.data import train_tokenizer
 
@@ -286,7 +305,8 @@ def test_bad_params_are_rejected(model):
                     (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
                     (dict(max_tokens=0), "max_tokens"), (dict(repetition_penalty=0.0), "repetition_penalty"),
                     (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency"),
-                    (dict(logprobs=-1), "logprobs"), (dict(stop=[""]), "stop")):
+                    (dict(logprobs=-1), "logprobs"), (dict(stop=[""]), "stop"),
+                    (dict(stop=["x"], detokenize=False), "need detokenize")):
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**kw)
     engine = Engine(model, max_batch=2, max_model_len=32)
