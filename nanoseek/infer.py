@@ -131,6 +131,7 @@ class RequestOutput:
 class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
+    shared_prefill_tokens: int = 0  # of those, tokens not recomputed: a prompt another new request also had
     generated_tokens: int = 0
     verify_steps: int = 0  # speculative: row-steps (one per running request per step)
     drafted: int = 0
@@ -147,6 +148,7 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, float]:
         return {"steps": self.steps, "prefill_tokens": self.prefill_tokens,
+                "shared_prefill_tokens": self.shared_prefill_tokens,
                 "generated_tokens": self.generated_tokens, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_verify": self.tokens_per_verify}
 
@@ -932,32 +934,46 @@ class Engine:
         return out
 
     def _prefill_group(self, reqs: list[_Request]) -> list[RequestOutput]:
-        start, B = len(self.rows), len(reqs)
+        # Requests with the same prompt (GRPO's G samples of each prompt, best-of-n) share one forward: the first
+        # one's cache rows are copied to the others (vLLM's prefix caching, for whole prompts of one admission).
+        # Rows are ordered distinct prompts first; src maps every row to the computed row it copies.
+        first: dict[Any, int] = {}
+        src = [first.setdefault(tuple(r.prompt) if r.embeds is None else id(r), len(first)) for r in reqs]
+        order = sorted(range(len(reqs)), key=lambda i: (i != src.index(src[i]), i))  # distinct prompts first
+        reqs, src = [reqs[i] for i in order], [src[i] for i in order]
+        start, B, U = len(self.rows), len(reqs), len(first)
         for i, r in enumerate(reqs):
             r.row = start + i
             self.rows.append(r)
-        lens = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
+        lens = torch.tensor([len(r.prompt) for r in reqs[:U]], device=self.device)
         T = int(lens.max())
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
-        for i, r in enumerate(reqs):
+        ids = torch.full((U, T), self.pad_id, dtype=torch.long, device=self.device)
+        for i, r in enumerate(reqs[:U]):
             ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
-        pos = torch.arange(T, device=self.device).expand(B, T)
+        pos = torch.arange(T, device=self.device).expand(U, T)
         am = None if bool((lens == T).all()) else (pos < lens[:, None]).long()
-        rows = CacheRows(self.cache, start, start + B, self.k + 1)
+        rows = CacheRows(self.cache, start, start + U, self.k + 1)
         x = None
         if any(r.embeds is not None for r in reqs):  # given embeddings win over the lookup, row by row
             x = self.model.embed_tokens(ids)
-            for i, r in enumerate(reqs):
+            for i, r in enumerate(reqs[:U]):
                 if r.embeds is not None:
                     x[i, : len(r.prompt)] = r.embeds
         h, _ = self.model.trunk(None if x is not None else ids, position_ids=pos, attention_mask=am, cache=rows,
                                 inputs_embeds=x)
         if am is not None:
             rows.truncate(lens)
+        self.stats.prefill_tokens += sum(len(r.prompt) for r in reqs)
+        if U < B:
+            for i in range(U, B):
+                _move_cache_row(self.cache, start + src[i], start + i)
+            self.stats.shared_prefill_tokens += sum(len(r.prompt) for r in reqs[U:])
+            at = torch.tensor(src, device=self.device)
+            h, ids, lens = h[at], ids[at], lens[at]
+            pos, am = pos[:1].expand(B, T), am[at] if am is not None else None
         last = lens - 1
         b = torch.arange(B, device=self.device)
         logits = self.model.lm_head(h[b, last]).float()
-        self.stats.prefill_tokens += int(lens.sum())
         self._penalty_state(reqs)
         self._st = None
         st = SamplingTensors.from_params([r.params for r in reqs], self.vocab_size, self.device,

@@ -93,6 +93,23 @@ def test_seeded_sampling_is_reproducible(model):
         generate(model, [0, 1, 2], 10, temperature=1.0, top_p=0.9, seed=7)
 
 
+@pytest.mark.parametrize("k", [0, 2])
+def test_repeated_prompts_share_one_prefill(model, ref, k):
+    """GRPO's groups: requests with the same prompt are prefilled once and the cache rows copied. Every request
+    still samples its own tokens (its seed), exactly as when run alone; greedy ones match the reference, also with
+    MTP speculation (the MTP cache is filled for every row) and next to prompts of other lengths."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1]]
+    sampled = [SamplingParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in range(6)]
+    engine = Engine(model, max_batch=8, num_speculative_tokens=k)
+    outs = engine.generate(prompts, sampled)
+    assert engine.stats.shared_prefill_tokens == 2 * len(PROMPTS[0]) + len(PROMPTS[1])
+    assert engine.stats.prefill_tokens == sum(map(len, prompts))
+    for p, sp, o in zip(prompts, sampled, outs):
+        assert o.token_ids == alone(model, p, sp, num_speculative_tokens=k).token_ids
+    greedy = Engine(model, max_batch=8, num_speculative_tokens=k).generate(prompts, GREEDY)
+    assert [o.token_ids for o in greedy] == [ref[PROMPTS.index(p)][:12] for p in prompts]
+
+
 def test_generate_convenience_matches_full_recompute_and_stops_at_eos(model, ref):
     assert generate(model, PROMPTS[0], 12) == ref[0][:12]
     first = generate(model, [0, 1, 2], 1)[0]
