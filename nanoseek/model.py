@@ -623,9 +623,10 @@ class Router(nn.Module):
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         # a compiled decode step selects by ranks (elementwise compares and sums Inductor fuses with the scores)
-        # instead of topk calls: each topk is a library call that splits the step's fused kernels (the demo model's
-        # batch-1 step spent ~20% of its time in them, docs/inference.md); same picks and order, ties to the lower index
-        ranked = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        # instead of topk calls: each topk is a library call that splits the step's fused kernels (with the sort and
+        # load count below, the demo model's batch-1 step went from 8 kernels + 15 calls to one kernel;
+        # docs/inference.md). Same picks and order; ties to the lower index. O(E^2) compares: decode-sized batches
+        ranked = torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= 256
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             # node-limited routing (V3 section 2.1.2 / V2 "device-limited"): keep the topk_group best groups,
             # a group scored by its top-2 biased scores (V3) or its best expert (V2)
