@@ -939,7 +939,8 @@ class Engine:
         # Rows are ordered distinct prompts first; src maps every row to the computed row it copies.
         first: dict[Any, int] = {}
         src = [first.setdefault(tuple(r.prompt) if r.embeds is None else id(r), len(first)) for r in reqs]
-        order = sorted(range(len(reqs)), key=lambda i: (i != src.index(src[i]), i))  # distinct prompts first
+        at_first = {j: i for i, j in reversed(list(enumerate(src)))}  # each distinct prompt's first request
+        order = sorted(range(len(reqs)), key=lambda i: (at_first[src[i]] != i, i))  # distinct prompts first
         reqs, src = [reqs[i] for i in order], [src[i] for i in order]
         start, B, U = len(self.rows), len(reqs), len(first)
         for i, r in enumerate(reqs):
