@@ -19,6 +19,7 @@ Wall time with the machine's torch threads (default 2 here); run alone — these
     .venv/bin/python benchmarks/rl_step.py                   # small, P=4 G=8 N=128, 6 steps each (~4 minutes)
     .venv/bin/python benchmarks/rl_step.py --quick           # tiny, 3 steps: smoke run
     .venv/bin/python benchmarks/rl_step.py --json out.json
+    .venv/bin/python benchmarks/rl_step.py --trl-no-checkpointing --rounds 3   # sides alternate 3 times, pooled
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def run_nanoseek(model_dir: Path, out: Path, args: argparse.Namespace) -> list[f
     recs = [r for r in read_jsonl(out / "metrics.jsonl") if "step_time" in r]
     assert all(r["len_mean"] == args.tokens for r in recs), "nanoseek completions were not of the forced length"
     # where each step's time went (rollouts vs the rest) and reward-worker failures: a slow step can be told apart
-    args.nanoseek_detail = {k: [r[k] for r in recs] for k in ("rollout_tok_s", "train_tok_s", "reward_failures")}
+    args.nanoseek_detail = getattr(args, "nanoseek_detail", []) + [
+        {k: [r[k] for r in recs] for k in ("rollout_tok_s", "train_tok_s", "reward_failures")}]  # one per round
     return [r["step_time"] for r in recs]
 
 
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="both sides: fp32, or bf16 autocast over fp32 master weights (TRL's bf16=True)")
     ap.add_argument("--only", choices=("nanoseek", "trl"), help="time one side only (no ratio): for A/B runs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run both sides this many times, alternating (medians pool every round's timed steps)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -146,18 +150,31 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; preset {args.preset}, P={args.prompts} G={args.group} "
           f"N={args.tokens}, {args.steps} steps per side, {args.dtype}, wall time")
+    # each round runs both sides one after the other; a side's first step in a round is its warm-up (nanoseek starts
+    # its reward worker and compiles or loads its decode graph, both allocate caches) and is left out of the medians
+    ns_rounds: list[list[float]] = []
+    trl_rounds: list[list[float]] = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         model_dir = make_model_dir(root, args.preset)
-        ns = run_nanoseek(model_dir, root / "ns", args) if args.only != "trl" else []
-        trl = run_trl(model_dir, root / "trl", args) if args.only != "nanoseek" else []
-    # medians after the first step (warm-up: nanoseek starts its reward worker, both allocate caches)
-    ns_med, trl_med = (statistics.median(t[1:] or t) if t else math.nan for t in (ns, trl))
+        for r in range(args.rounds):
+            if args.only != "trl":
+                ns_rounds.append(run_nanoseek(model_dir, root / f"ns{r}", args))
+            if args.only != "nanoseek":
+                trl_rounds.append(run_trl(model_dir, root / f"trl{r}", args))
+            if args.rounds > 1 and not args.only:
+                print(f"round {r + 1}: nanoseek {statistics.median(ns_rounds[-1][1:]):.2f} s, "
+                      f"TRL {statistics.median(trl_rounds[-1][1:]):.2f} s per step", flush=True)
+    ns, trl = (sum(rounds, []) for rounds in (ns_rounds, trl_rounds))
+    ns_med, trl_med = (statistics.median([x for t in rounds for x in (t[1:] or t)]) if rounds else math.nan
+                       for rounds in (ns_rounds, trl_rounds))
     tokens = args.prompts * args.group * args.tokens
     res = {"preset": args.preset, "P": args.prompts, "G": args.group, "N": args.tokens, "steps": args.steps,
            "threads": torch.get_num_threads(), "trl_gradient_checkpointing": not args.trl_no_checkpointing,
            "dtype": args.dtype,
            "nanoseek_step_s": ns, "trl_step_s": trl, "nanoseek_detail": getattr(args, "nanoseek_detail", None),
+           "rounds": args.rounds, "ratio_by_round": [statistics.median(t[1:]) / statistics.median(n[1:])
+                                                     for n, t in zip(ns_rounds, trl_rounds)],
            "load_average": os.getloadavg(),
            "nanoseek_median_s": ns_med, "trl_median_s": trl_med, "speedup": trl_med / ns_med}
     print(f"{'':10s} {'step (s)':>9s} {'completion tok/s':>17s}")
