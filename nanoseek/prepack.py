@@ -39,6 +39,10 @@ DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
 # 3.4M model decoded at half the speed at batch 4 with every product packed (docs/benchmarks.md, "Decode"). Only
 # weights that come from memory rather than the caches are worth it there
 COMPILED_MIN_BYTES = 4 << 20
+# eagerly, oneDNN's packed product loses to F.linear on small weights (2 threads, fp32, 4 and 32 rows: 1.3-2.6x
+# slower up to 256 x 256, faster from 512 x 256; the demo model's batch-64 rollouts ran 12-15% slower with all its
+# weights packed: its linear layers are below 200 KB but for the 512 KB output head; docs/LOG.md)
+EAGER_MIN_BYTES = 512 << 10
 PACK_ROWS = 8  # oneDNN's batch-size hint for the reorder: decode steps run 1-16 rows (docs/inference.md)
 DTYPES = (torch.float32, torch.bfloat16)
 # NANOSEEK_PREPACK=0 turns it off: the packed copies double the memory of the linear weights
@@ -113,9 +117,10 @@ def clear() -> None:
 
 class PackedLinear(nn.Linear):
     """nn.Linear that multiplies through a oneDNN-packed copy of its weight when inference allows it: no gradient
-    wanted, a CPU, fp32 or bf16; otherwise (training) plain F.linear. In a compiled graph: the packed op for
-    products of more than DECOMPOSE_ROWS rows by weights of at least COMPILED_MIN_BYTES; one-row products stay
-    Inductor's reductions (infer._gemv_as_reductions), small weights Inductor's GEMM calls."""
+    wanted, a CPU, fp32 or bf16, a weight of at least EAGER_MIN_BYTES; otherwise (training, small weights) plain
+    F.linear. In a compiled graph: the packed op for products of more than DECOMPOSE_ROWS rows by weights of at least
+    COMPILED_MIN_BYTES; one-row products stay Inductor's reductions (infer._gemv_as_reductions), smaller weights
+    Inductor's GEMM calls."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -128,6 +133,8 @@ class PackedLinear(nn.Linear):
             if rows <= DECOMPOSE_ROWS or w.numel() * w.element_size() < COMPILED_MIN_BYTES:
                 return F.linear(x, w, b)
             return torch.ops.nanoseek.packed_linear(x, w, b)
+        if w.numel() * w.element_size() < EAGER_MIN_BYTES:
+            return F.linear(x, w, b)
         return packed_linear_eager(x, w.detach(), None if b is None else b.detach())
 
 

@@ -19,6 +19,22 @@ from .hf_ref import sharp_tiny
 pytestmark = pytest.mark.skipif(not pp.available(), reason="this PyTorch build has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def pack_small_weights(monkeypatch):
+    """The tests' tiny layers are below EAGER_MIN_BYTES: pack them anyway, so the packed path is what runs."""
+    monkeypatch.setattr(pp, "EAGER_MIN_BYTES", 0)
+
+
+def test_small_weights_stay_on_f_linear_by_default(monkeypatch):
+    monkeypatch.undo()
+    assert pp.EAGER_MIN_BYTES > 64 * 48 * 4
+    lin = pp.prepack(nn.Linear(64, 48))
+    big = pp.prepack(nn.Linear(512, 256, bias=False))
+    with torch.inference_mode():
+        lin(torch.randn(3, 64)), big(torch.randn(3, 512))
+    assert lin.weight.data_ptr() not in pp._PACKED and big.weight.data_ptr() in pp._PACKED
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (2, 5, 64), (40, 64)])
 def test_packed_product_equals_f_linear(dtype, shape):
