@@ -937,12 +937,19 @@ class Engine:
         # Requests with the same prompt (GRPO's G samples of each prompt, best-of-n) share one forward: the first
         # one's cache rows are copied to the others (vLLM's prefix caching, for whole prompts of one admission).
         # Rows are ordered distinct prompts first; src maps every row to the computed row it copies.
-        first: dict[Any, int] = {}
-        src = [first.setdefault(tuple(r.prompt) if r.embeds is None else id(r), len(first)) for r in reqs]
-        at_first = {j: i for i, j in reversed(list(enumerate(src)))}  # each distinct prompt's first request
-        order = sorted(range(len(reqs)), key=lambda i: (at_first[src[i]] != i, i))  # distinct prompts first
-        reqs, src = [reqs[i] for i in order], [src[i] for i in order]
-        start, B, U = len(self.rows), len(reqs), len(first)
+        first: dict[Any, int] = {}  # prompt -> its row among the distinct ones
+        distinct: list[_Request] = []
+        repeats: list[tuple[_Request, int]] = []
+        for r in reqs:
+            key = tuple(r.prompt) if r.embeds is None else id(r)  # given embeddings are never shared
+            if key in first:
+                repeats.append((r, first[key]))
+            else:
+                first[key] = len(distinct)
+                distinct.append(r)
+        reqs = distinct + [r for r, _ in repeats]
+        src = list(range(len(distinct))) + [j for _, j in repeats]
+        start, B, U = len(self.rows), len(reqs), len(distinct)
         for i, r in enumerate(reqs):
             r.row = start + i
             self.rows.append(r)

@@ -128,12 +128,13 @@ class PackedLinear(nn.Linear):
                 or type(w.data) is not torch.Tensor or type(x) is not torch.Tensor  # DTensor (FSDP2), subclasses
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return F.linear(x, w, b)
+        nbytes = w.numel() * w.element_size()
         if torch.compiler.is_compiling():
             rows = x.numel() // x.shape[-1]  # static: a decode bucket's rows
-            if rows <= DECOMPOSE_ROWS or w.numel() * w.element_size() < COMPILED_MIN_BYTES:
+            if rows <= DECOMPOSE_ROWS or nbytes < COMPILED_MIN_BYTES:
                 return F.linear(x, w, b)
             return torch.ops.nanoseek.packed_linear(x, w, b)
-        if w.numel() * w.element_size() < EAGER_MIN_BYTES:
+        if nbytes < EAGER_MIN_BYTES:
             return F.linear(x, w, b)
         return packed_linear_eager(x, w.detach(), None if b is None else b.detach())
 
