@@ -563,6 +563,54 @@ class KVCache:
         return n_layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.element_size()
 
 
+class SharedPrefix:
+    """A differentiable cache for training on many sequences that share prompts (GRPO's G samples per prompt): each
+    distinct prompt runs through the trunk once, and every continuation attends to its prompt's keys/values, with
+    gradients flowing back into the one prompt pass (they sum over the group). Same outputs and gradients as running
+    prompt + continuation for every row, up to float rounding, with the prompt's share of the work divided by the
+    group size ("Prefix Grouper", arXiv 2506.05433).
+
+    Two passes through `trunk(..., cache=this)`, duck-typing KVCache's protocol (next_positions / begin / write /
+    use_absorbed / commit): first the distinct prompts, (P, Tp) right-padded, whose per-layer latents (MLA: c_kv and
+    k_pe; MHA: keys and values) are kept with their autograd graph; then the continuations, (B, T) right-padded,
+    row b continuing prompt `rows[b]`: their positions start after that prompt and they attend to its real tokens
+    plus their own causal past. Nothing is written in place, so autograd sees plain tensors (a KVCache's in-place
+    writes into shared buffers cannot be differentiated through)."""
+
+    def __init__(self, lengths: torch.Tensor, rows: torch.Tensor):
+        self.lengths, self.rows = lengths, rows  # (P,) real prompt tokens; (B,) prompt of each continuation
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prefilled = False
+
+    def use_absorbed(self, T: int) -> bool:
+        return False  # decompressed keys/values and fused SDPA, as a training forward
+
+    def next_positions(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        ar = torch.arange(T, device=self.lengths.device)
+        return self.lengths[self.rows][:, None] + ar if self.prefilled else ar[None]
+
+    def begin(self, T: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if attention_mask is not None:
+            raise ValueError("SharedPrefix takes right-padded rows without an attention mask")
+        if not self.prefilled:
+            return None  # the prompts: plain causal (right padding is never attended by a real token)
+        dev = self.lengths.device
+        Tp = next(iter(self.layers.values()))[0].shape[1]
+        prompt = torch.arange(Tp, device=dev)[None, :] < self.lengths[self.rows][:, None]  # (B, Tp) real tokens
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        return torch.cat([prompt[:, None, :].expand(-1, T, -1), causal.expand(len(self.rows), -1, -1)], -1)[:, None]
+
+    def write(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefilled:
+            self.layers[layer] = (c_kv, k_pe)
+            return c_kv, k_pe
+        pc, pk = self.layers[layer]  # gathered per row: the backward of the gather sums the group's gradients
+        return torch.cat([pc[self.rows], c_kv], 1), torch.cat([pk[self.rows], k_pe], 1)
+
+    def commit(self) -> None:
+        self.prefilled = True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Feed-forward: dense MLP and DeepSeekMoE (V3 report section 2.1.2)
 

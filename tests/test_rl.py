@@ -5,7 +5,16 @@ import json
 import pytest
 import torch
 
-from nanoseek.rl import RLConfig, group_advantages, kimi_length_rewards, overlong_penalty, policy_loss, rl
+from nanoseek.model import ModelConfig, build
+from nanoseek.rl import (
+    RLConfig,
+    completion_logprobs,
+    group_advantages,
+    kimi_length_rewards,
+    overlong_penalty,
+    policy_loss,
+    rl,
+)
 
 from .hf_ref import make_tiny_model_dir
 
@@ -44,6 +53,40 @@ def test_policy_loss_by_hand():
     k3 = torch.exp(d) - d - 1
     assert st["kl"] == pytest.approx(float((k3 * mask).sum() / 5), rel=1e-5)
     assert kl_loss.item() > grpo.item()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_shared_prompts_give_the_rowwise_logprobs_and_gradients(preset):
+    """GRPO batches repeat each prompt G times: the shared-prompt pass (each distinct prompt through the trunk once)
+    must give every row's log-probs, entropies and parameter gradients as prompt + completion per row does, for
+    groups in any order, prompts and completions of different lengths (padding), a prompt seen once and one-token
+    completions; and it must really run each prompt once."""
+    torch.manual_seed(0)
+    model = build(ModelConfig.from_preset(preset, vocab_size=64, num_nextn_predict_layers=0)).train()
+    g = torch.Generator().manual_seed(1)
+    distinct = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 9, 2, 7)]
+    rows = [0, 1, 0, 2, 1, 0, 3, 1, 2]  # interleaved groups; prompt 3 appears once
+    prompts = [distinct[r] for r in rows]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 1, 4, 6, 3, 5, 2, 6, 1)]
+    adv = torch.randn(len(rows), generator=g)
+    seen: list[int] = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    out = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, mask, ent = completion_logprobs(model, prompts, comps, 0.7, 2, with_entropy=True, share_prompts=share)
+        ((logp * mask).sum(1) * adv).sum().backward()
+        out[share] = (logp * mask, ent * mask, mask, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None})
+    hook.remove()
+    assert seen == [len(rows) * max(len(p) + len(c) for p, c in zip(prompts, comps)),  # row-wise: one pass
+                    len(distinct) * 9, len(rows) * 5]  # shared: the 4 prompts (padded to 9), the completions but last
+    (lp0, e0, m0, g0), (lp1, e1, m1, g1) = out[False], out[True]
+    assert torch.equal(m0, m1) and m0.sum() == sum(map(len, comps))
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_length_shaping():
