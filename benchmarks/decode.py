@@ -17,9 +17,9 @@ Regime `bandwidth` (a real model's decode on a laptop: the weights' bytes decide
 slice (V2-Lite's widths, heads, experts and 102,400-token vocabulary; 1 dense + 3 MoE layers; bf16, ~4.5 GB),
 against llama.cpp in the same precision (bf16 GGUF), batch 1. Achieved bandwidth = bytes of weights one token reads
 (attention, the dense MLP, shared experts, the 6 routed experts chosen per layer, norms, the output head; one
-embedding row) x tokens/s, against the read bandwidth of this machine measured in the same run (two threads
-summing a 2 GiB tensor). `--int8` adds nanoseek's weight-only int8 (`nanoseek.quant.quantize_int8`: int8 weights
-with a bf16 scale per output channel, bf16 activations) and llama.cpp's Q8_0 (int8 blocks of 32 with an fp16 scale;
+embedding row) x tokens/s, against the read bandwidth of this machine measured beside each run (two threads
+summing a 2 GiB tensor, before and after it; with `--rounds N` the engines alternate N times). `--int8` adds
+nanoseek's weight-only int8 (`nanoseek.quant.quantize_int8`: int8 weights with a bf16 scale per output channel, bf16 activations) and llama.cpp's Q8_0 (int8 blocks of 32 with an fp16 scale;
 its matmuls also quantize the activations to int8): rows of a different precision from the bf16 ones, labelled so,
 with the bytes each format reads per token.
 
@@ -363,41 +363,62 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Engines alternate `--rounds` times, each run between two read-bandwidth probes: this machine's memory
+    moves between ~33 and ~61 GB/s within minutes (docs/LOG.md), so a run is set against the probes beside it."""
     name = "v2-lite-slice"
     info = prepare(name, out, ("bf16", "q8_0") if args.int8 else ("bf16",))
     import torch
 
     prompts = torch.randint(3, 1024, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     common = {"prompts": json.dumps(prompts), "threads": args.threads, "repeats": args.repeats}
-    bw = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
-    runs = {"nanoseek bf16": spawn(sys.executable, "nanoseek", model_dir=info["dir"], dtype="bfloat16", **common)}
-    failed: dict[str, str] = {}
+    engines: dict[str, tuple[str, dict[str, Any]]] = {
+        "nanoseek bf16": (sys.executable, {"engine": "nanoseek", "model_dir": info["dir"], "dtype": "bfloat16"})}
     if args.int8:
-        try:  # a failure here must not cost the run's other rows
-            runs["nanoseek int8"] = spawn(sys.executable, "nanoseek", model_dir=info["dir"], dtype="bfloat16",
-                                          int8=True, **common)
-        except RuntimeError as e:
-            failed["nanoseek int8"] = str(e)[-2000:]
-            print(f"nanoseek int8 failed: {e}", flush=True)
+        engines["nanoseek int8"] = (sys.executable, {"engine": "nanoseek", "model_dir": info["dir"],
+                                                     "dtype": "bfloat16", "int8": True})
     if args.llama_python:
-        runs["llama.cpp bf16"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-bf16.gguf"),
-                                       dtype="bfloat16", **common)
+        engines["llama.cpp bf16"] = (args.llama_python, {"engine": "llama", "dtype": "bfloat16",
+                                                         "model_dir": str(out / f"{name}-bf16.gguf")})
         if args.int8:
-            runs["llama.cpp Q8_0"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-q8_0.gguf"),
-                                           dtype="bfloat16", **common)
-    bw_after = spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]
-    row: dict[str, Any] = {"read_GBps": [bw, bw_after], "model": info, "failed": failed}
+            engines["llama.cpp Q8_0"] = (args.llama_python, {"engine": "llama", "dtype": "bfloat16",
+                                                             "model_dir": str(out / f"{name}-q8_0.gguf")})
+    probes = [spawn(sys.executable, "membw", threads=args.threads)["read_GBps"]]
+    rounds: list[dict[str, dict[str, Any]]] = []
+    failed: dict[str, str] = {}
+    for _ in range(args.rounds):
+        rd: dict[str, dict[str, Any]] = {}
+        for k, (python, kw) in engines.items():
+            if k in failed:
+                continue
+            try:  # a failure here (the int8 path) must not cost the run's other rows
+                rd[k] = spawn(python, **kw, **common)
+            except RuntimeError as e:
+                if k == "nanoseek bf16":
+                    raise
+                failed[k] = str(e)[-2000:]
+                print(f"{k} failed: {e}", flush=True)
+                continue
+            probes.append(spawn(sys.executable, "membw", threads=args.threads)["read_GBps"])
+            rd[k]["read_GBps"] = max(probes[-2:])  # the faster of the probes just before and just after
+        rounds.append(rd)
+    runs = {k: {**v, "times": [t for r in rounds for t in r[k]["times"]]} for k, v in rounds[0].items()}
+    row: dict[str, Any] = {"read_GBps": probes, "model": info, "failed": failed, "rounds": args.rounds}
     for k, r in runs.items():
         s = summary(r, 1)
         bytes_tok = info["bytes_read_per_token"]["q8_0" if "Q8_0" in k else "int8" if "int8" in k else "bf16"]
         s["weight_bytes_per_token"] = bytes_tok
         s["quantize_s"] = r.get("quantize_s")
         s["weights_GBps"] = bytes_tok * s["tok_s"] / 1e9
-        s["of_read_bw"] = s["weights_GBps"] / max(bw, bw_after)
+        # each round's stream against the probes beside it, then the median over rounds
+        by_round = [bytes_tok * NEW_TOKENS / statistics.median(rd[k]["times"]) / 1e9 / rd[k]["read_GBps"]
+                    for rd in rounds]
+        s["of_read_bw_by_round"] = by_round
+        s["of_read_bw"] = statistics.median(by_round)
         row[k] = s
         print(f"{k}: {s['tok_s']:.1f} tok/s ({s['s_min']:.2f}-{s['s_max']:.2f} s per 128), "
-              f"{s['weights_GBps']:.1f} GB/s of weights = {s['of_read_bw']:.0%} of the measured read bandwidth "
-              f"({bw:.1f} / {bw_after:.1f} GB/s before/after)", flush=True)
+              f"{s['weights_GBps']:.1f} GB/s of weights = {s['of_read_bw']:.0%} of the read bandwidth measured beside "
+              f"it (median over rounds: " + " ".join(f"{x:.0%}" for x in by_round) + ")", flush=True)
+    print("read-bandwidth probes (GB/s, in order): " + " ".join(f"{x:.1f}" for x in probes), flush=True)
     if "llama.cpp bf16" in runs:
         row["nanoseek / llama.cpp bf16"] = row["nanoseek bf16"]["tok_s"] / row["llama.cpp bf16"]["tok_s"]
         row["best: nanoseek / llama.cpp bf16"] = \
@@ -405,6 +426,9 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         row["identical"] = same_tokens(runs["nanoseek bf16"]["tokens"], runs["llama.cpp bf16"]["tokens"])
         lead = _prefix(runs["nanoseek bf16"]["tokens"][0], runs["llama.cpp bf16"]["tokens"][0])
         row["bf16 tokens equal to llama.cpp bf16's"] = lead
+        row["ratios by round"] = [statistics.median(rd["llama.cpp bf16"]["times"])
+                                  / statistics.median(rd["nanoseek bf16"]["times"]) for rd in rounds]
+        print("by round: " + " ".join(f"{x:.2f}x" for x in row["ratios by round"]), flush=True)
         print(f"nanoseek / llama.cpp (bf16): {row['nanoseek / llama.cpp bf16']:.2f}x; identical greedy tokens "
               f"{row['identical']} (the first {lead} of 128 equal)", flush=True)
     row["tokens"] = {k: r["tokens"][0] for k, r in runs.items()}
@@ -438,8 +462,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1,
-                    help="overhead: run every engine's process this many times, alternating (the timed runs are "
-                         "pooled; each round's ratio is printed)")
+                    help="run every engine's process this many times, alternating (the timed runs are pooled; each "
+                         "round's ratio is printed; bandwidth: a read-bandwidth probe after every run)")
     ap.add_argument("--configs", nargs="+", default=["v3-320", "demo"], choices=("v3-320", "demo"))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--eager", action="store_true", help="also time nanoseek's eager engine (reference)")
