@@ -19,15 +19,16 @@ against llama.cpp in the same precision (bf16 GGUF), batch 1. Achieved bandwidth
 (attention, the dense MLP, shared experts, the 6 routed experts chosen per layer, norms, the output head; one
 embedding row) x tokens/s, against the read bandwidth of this machine measured beside each run (two threads
 summing a 2 GiB tensor, before and after it; with `--rounds N` the engines alternate N times). `--int8` adds
-nanoseek's weight-only int8 (`nanoseek.quant.quantize_int8`: int8 weights with a bf16 scale per output channel, bf16 activations) and llama.cpp's Q8_0 (int8 blocks of 32 with an fp16 scale;
-its matmuls also quantize the activations to int8): rows of a different precision from the bf16 ones, labelled so,
-with the bytes each format reads per token.
+nanoseek's weight-only int8 (`nanoseek.quant.quantize_int8`: int8 weights with a bf16 scale per output channel,
+bf16 activations) and llama.cpp's Q8_0 (int8 blocks of 32 with an fp16 scale; its matmuls also quantize the
+activations to int8): rows of a different precision from the bf16 ones, labelled so, with the bytes each format
+reads per token.
 
 llama.cpp comes from llama-cpp-python (the `bench` extra: built from source, minutes on two cores; install it into
 its own venv and pass `--llama-python`). Models, GGUF files and results go to `--out`.
 
     .venv/bin/python benchmarks/decode.py overhead --llama-python /work/bench-venv/bin/python
-    .venv/bin/python benchmarks/decode.py bandwidth --llama-python /work/bench-venv/bin/python
+    .venv/bin/python benchmarks/decode.py bandwidth --llama-python /work/bench-venv/bin/python --rounds 3
     .venv/bin/python benchmarks/decode.py overhead --configs demo --batches 1 --repeats 1   # smoke run
 """
 
