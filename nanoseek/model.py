@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prepack import widened
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -765,11 +767,14 @@ class Experts(nn.Module):
             order = torch.arange(K, device=idx.device)
         e, token = flat, order // K  # (N*K,) pairs sorted by expert
         dt = x.dtype
-        xs = x[token]  # (N*K, D)
-        g = (self.gate_proj[e].to(dt) * xs[:, None, :]).sum(-1)  # (N*K, I)
-        u = (self.up_proj[e].to(dt) * xs[:, None, :]).sum(-1)
-        h = F.silu(g) * u * wf[:, None].to(dt)  # gate weight before the down projection (linear)
-        y = (self.down_proj[e].to(dt) * h[:, None, :]).sum(-1)  # (N*K, D)
+        # large experts' 16-bit activations are read as fp32 copies (prepack.widened: one conversion, not one per
+        # output row of each product)
+        nbytes = token.shape[0] * self.gate_proj[0].numel() * self.gate_proj.element_size()  # per projection
+        xs = widened(x, nbytes)[token]  # (N*K, D)
+        g = (self.gate_proj[e].to(dt) * xs[:, None, :]).sum(-1).to(dt)  # (N*K, I)
+        u = (self.up_proj[e].to(dt) * xs[:, None, :]).sum(-1).to(dt)
+        h = widened(F.silu(g) * u * wf[:, None].to(dt), nbytes)  # gate weight before the down projection (linear)
+        y = (self.down_proj[e].to(dt) * h[:, None, :]).sum(-1).to(dt)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token, y)
 
     @staticmethod

@@ -43,6 +43,12 @@ COMPILED_MIN_BYTES = 4 << 20
 # slower up to 256 x 256, faster from 512 x 256; the demo model's batch-64 rollouts ran 12-15% slower with all its
 # weights packed: its linear layers are below 200 KB but for the 512 KB output head; docs/LOG.md)
 EAGER_MIN_BYTES = 512 << 10
+# one-row products of a compiled step by 16-bit weights of at least this size read an fp32 copy of the activation
+# (`widen`): Inductor's reduction otherwise converts the bf16 activation to fp32 again in every output row's inner
+# loop, and the conversion, not the memory, sets the pace (a 102,400 x 2048 bf16 head: 46 GB/s converting in the
+# loop, 62 GB/s reading fp32, interleaved in one process; docs/LOG.md). The copy is an opaque op whose call costs
+# ~15 us from the generated C++: below ~16 MB the product saves less than that
+WIDEN_MIN_BYTES = 16 << 20
 PACK_ROWS = 8  # oneDNN's batch-size hint for the reorder: decode steps run 1-16 rows (docs/inference.md)
 DTYPES = (torch.float32, torch.bfloat16)
 # NANOSEEK_PREPACK=0 turns it off: the packed copies double the memory of the linear weights
@@ -110,6 +116,27 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("nanoseek::widen", mutates_args=())
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x as fp32, as an op Inductor cannot see into: its result is a buffer of its own, which the one-row products
+    of a compiled decode step read as it is (WIDEN_MIN_BYTES). The values are those the inline conversion gives."""
+    return x.float()
+
+
+@widen.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def widened(x: torch.Tensor, weight_bytes: int) -> torch.Tensor:
+    """`widen(x)` for a 16-bit activation on a CPU feeding products that read at least WIDEN_MIN_BYTES of weights,
+    x itself otherwise (fp32 needs nothing; other devices' kernels are not Inductor's C++ reductions)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or weight_bytes < WIDEN_MIN_BYTES:
+        return x
+    return widen(x)
+
+
+
 def clear() -> None:
     """Free every packed copy (they are rebuilt at their next use)."""
     _PACKED.clear()
@@ -131,6 +158,9 @@ class PackedLinear(nn.Linear):
         nbytes = w.numel() * w.element_size()
         if torch.compiler.is_compiling():
             rows = x.numel() // x.shape[-1]  # static: a decode bucket's rows
+            if rows <= DECOMPOSE_ROWS and (xw := widened(x, nbytes)) is not x:
+                y = (xw.unsqueeze(-2) * w).sum(-1).to(x.dtype)  # the reduction F.linear decomposes into
+                return y if b is None else y + b
             if rows <= DECOMPOSE_ROWS or nbytes < COMPILED_MIN_BYTES:
                 return F.linear(x, w, b)
             return torch.ops.nanoseek.packed_linear(x, w, b)

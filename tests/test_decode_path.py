@@ -119,3 +119,31 @@ def test_janus_bf16_image_sampling_after_a_dtype_change():
     ref = generate_image_tokens_reference(model, prompts, temperature=0.0, num_tokens=8)
     assert fast.shape == ref.shape == (2, 8)
     assert (fast == ref).float().mean() >= 0.75  # bf16: near-ties may part, most greedy tokens agree
+
+
+def test_widened_bf16_products_match_the_eager_step(model, monkeypatch):
+    # one-row products by big 16-bit weights read an fp32 copy of the activation (prepack.widen) instead of
+    # converting it in every output row; with the size floor at 0 every product of the tiny model takes it (its
+    # linear layers and routed experts): the compiled bf16 step gives the eager bf16 step's log-probs up to bf16
+    # rounding, and the op really runs
+    from torch.profiler import profile
+
+    from nanoseek import prepack
+
+    monkeypatch.setattr(prepack, "WIDEN_MIN_BYTES", 0)
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
+    fast_engine = Engine(m, max_batch=1, max_model_len=32, compile=True)
+    fast_engine.generate([PROMPTS[0]], replace(sp, max_tokens=2))  # compile outside the profiled call
+    with profile() as prof:
+        fast = fast_engine.generate([PROMPTS[0]], sp)[0]
+    widened = sum(e.count for e in prof.key_averages() if e.key == "nanoseek::widen")
+    # per decode step (7 after the prefill): the inputs of q_a, q_b, kv_a and o_proj in each of the 2 layers (8),
+    # of the dense MLP's gate, up and down (3), of the shared expert's (3), of the routed experts and their hidden
+    # (2), of the head (1): 17 conversions
+    assert widened == 7 * 17
+    slow = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch=1, max_model_len=32,
+                  compile=False).generate([PROMPTS[0]], sp)[0]
+    n = next((i for i, (a, b) in enumerate(zip(fast.token_ids, slow.token_ids)) if a != b), len(slow.token_ids))
+    assert n >= 4  # bf16: a near-tie may part the greedy paths later
+    assert torch.allclose(torch.tensor(fast.logprobs[:n]), torch.tensor(slow.logprobs[:n]), atol=0.01)
