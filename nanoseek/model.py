@@ -767,7 +767,7 @@ class Experts(nn.Module):
             order = torch.arange(K, device=idx.device)
         e, token = flat, order // K  # (N*K,) pairs sorted by expert
         dt = x.dtype
-        # large experts' 16-bit activations are read as fp32 copies (prepack.widened: one conversion, not one per
+        # large experts' 16-bit activations are read as fp32 copies (prepack.widened: converted once, not in every
         # output row of each product)
         nbytes = token.shape[0] * self.gate_proj[0].numel() * self.gate_proj.element_size()  # per projection
         xs = widened(x, nbytes)[token]  # (N*K, D)

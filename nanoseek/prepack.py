@@ -44,7 +44,7 @@ COMPILED_MIN_BYTES = 4 << 20
 # weights packed: its linear layers are below 200 KB but for the 512 KB output head; docs/LOG.md)
 EAGER_MIN_BYTES = 512 << 10
 # one-row products of a compiled step by 16-bit weights of at least this size read an fp32 copy of the activation
-# (`widen`): Inductor's reduction otherwise converts the bf16 activation to fp32 again in every output row's inner
+# (`materialize`): Inductor's reduction otherwise converts the bf16 activation to fp32 again in every output row's inner
 # loop, and the conversion, not the memory, sets the pace (a 102,400 x 2048 bf16 head: 46 GB/s converting in the
 # loop, 62 GB/s reading fp32, interleaved in one process; docs/LOG.md). The copy is an opaque op whose call costs
 # ~15 us from the generated C++: below ~16 MB the product saves less than that
@@ -116,24 +116,28 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("nanoseek::widen", mutates_args=())
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """x as fp32, as an op Inductor cannot see into: its result is a buffer of its own, which the one-row products
-    of a compiled decode step read as it is (WIDEN_MIN_BYTES). The values are those the inline conversion gives."""
-    return x.float()
+@torch.library.custom_op("nanoseek::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """x stored once, as fp32, by an op Inductor cannot see into. A compiled step's one-row products are Inductor
+    reductions that read their input inside every output row's loop: a pointwise producer (the RMSNorm before a
+    projection, with its embedding lookup; the SiLU before a down projection) would be recomputed for every weight
+    row (5.7x slower int8 steps, nanoseek.quant), and a 16-bit input converted to fp32 again for every row (the
+    conversion, not the memory, then sets the pace: WIDEN_MIN_BYTES). Values are those of the inline conversion.
+    Always a copy: a custom op's output must not alias its input (an fp32 x included)."""
+    return x.to(torch.float32, copy=True)
 
 
-@widen.register_fake
+@materialize.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.float32)
 
 
 def widened(x: torch.Tensor, weight_bytes: int) -> torch.Tensor:
-    """`widen(x)` for a 16-bit activation on a CPU feeding products that read at least WIDEN_MIN_BYTES of weights,
-    x itself otherwise (fp32 needs nothing; other devices' kernels are not Inductor's C++ reductions)."""
+    """`materialize(x)` for a 16-bit activation on a CPU feeding products that read at least WIDEN_MIN_BYTES of
+    weights, x itself otherwise (fp32 needs no conversion; other devices' kernels are not Inductor's C++ loops)."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or weight_bytes < WIDEN_MIN_BYTES:
         return x
-    return widen(x)
+    return materialize(x)
 
 
 

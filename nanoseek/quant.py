@@ -13,7 +13,7 @@ How each part runs:
   one-row bucket (the batch-1 decode step of infer.DecodeStep) the product is written as `(W.to(dtype) * x).sum(-1)
   * scale` so that Inductor generates one reduction kernel that converts the int8 weights as it streams them, as the
   full-precision batch-1 step does with its matrix-vector products (infer._gemv_as_reductions): 1.4x the op's speed
-  at two threads here, its input stored first (`materialize`; docs/inference.md).
+  at two threads here, its input stored first, in fp32 (`prepack.materialize`; docs/inference.md).
 - `Int8Experts`: eagerly, one `_weight_int8pack_mm` per projection of each expert that received tokens; compiled, the
   gather-reduce form of `model.Experts._gathered` over the int8 weights (the op takes one weight matrix per call,
   and gathering the chosen experts' matrices would copy them).
@@ -27,6 +27,7 @@ from torch import nn
 
 from .infer import DECOMPOSE_ROWS
 from .model import Experts, Transformer
+from .prepack import materialize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes _weight_int8pack_mm accepts
 KEEP = ("kv_b_proj",)  # linear layers whose weight the model reads as a matrix (absorbed MLA): left as they are
@@ -43,20 +44,6 @@ def quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     scale = (wf.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
     q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-@torch.library.custom_op("nanoseek::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """Identity that Inductor cannot see through. In a compiled step Inductor inlines a pointwise producer (the RMSNorm
-    before a projection, with its embedding lookup and bounds checks) into the loads of the reduction that consumes
-    it, so it is recomputed for every weight row: 5.7x slower int8 steps on a V2-Lite-shaped model. An opaque op
-    makes Inductor store x once; the bf16 path's decomposed products are not affected the same way."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 class Int8Linear(nn.Module):
@@ -77,8 +64,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling() and x2.shape[0] <= DECOMPOSE_ROWS:  # static: the bucket's rows
-            x2 = materialize(x2)
-            y = (self.weight_int8.to(x.dtype) * x2[:, None, :]).sum(-1) * self.scales
+            x2 = materialize(x2)  # stored once, in fp32 (prepack.materialize)
+            y = ((self.weight_int8.to(x2.dtype) * x2[:, None, :]).sum(-1) * self.scales).to(x.dtype)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         if self.bias is not None:
@@ -108,11 +95,11 @@ class Int8Experts(nn.Module):
         e, token = flat[order], order // K
         xs, ws = x[token], w.flatten()[order, None].to(x.dtype)
         if torch.compiler.is_compiling():  # static shapes (infer.DecodeStep): fused gather-reduce kernels
-            xs = materialize(xs)
+            xs = materialize(xs)  # stored once, in fp32 (prepack.materialize)
 
             def proj(name: str, v: torch.Tensor) -> torch.Tensor:
                 q, s = getattr(self, f"{name}_int8"), getattr(self, f"{name}_scales")
-                return (q[e].to(v.dtype) * v[:, None, :]).sum(-1) * s[e]
+                return ((q[e].to(v.dtype) * v[:, None, :]).sum(-1) * s[e]).to(x.dtype)
 
             h = F.silu(proj("gate_proj", xs)) * proj("up_proj", xs) * ws  # gate weight before the down projection
             y = proj("down_proj", materialize(h))  # (else SiLU would be recomputed for every weight read)

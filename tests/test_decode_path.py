@@ -122,7 +122,7 @@ def test_janus_bf16_image_sampling_after_a_dtype_change():
 
 
 def test_widened_bf16_products_match_the_eager_step(model, monkeypatch):
-    # one-row products by big 16-bit weights read an fp32 copy of the activation (prepack.widen) instead of
+    # one-row products by big 16-bit weights read an fp32 copy of the activation (prepack.materialize) instead of
     # converting it in every output row; with the size floor at 0 every product of the tiny model takes it (its
     # linear layers and routed experts): the compiled bf16 step gives the eager bf16 step's log-probs up to bf16
     # rounding, and the op really runs
@@ -137,7 +137,7 @@ def test_widened_bf16_products_match_the_eager_step(model, monkeypatch):
     fast_engine.generate([PROMPTS[0]], replace(sp, max_tokens=2))  # compile outside the profiled call
     with profile() as prof:
         fast = fast_engine.generate([PROMPTS[0]], sp)[0]
-    widened = sum(e.count for e in prof.key_averages() if e.key == "nanoseek::widen")
+    widened = sum(e.count for e in prof.key_averages() if e.key == "nanoseek::materialize")
     # per decode step (7 after the prefill): the inputs of q_a, q_b, kv_a and o_proj in each of the 2 layers (8),
     # of the dense MLP's gate, up and down (3), of the shared expert's (3), of the routed experts and their hidden
     # (2), of the head (1): 17 conversions
