@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prepack import widened
-
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -704,6 +702,41 @@ class Router(nn.Module):
         return w * cfg.routed_scaling_factor, idx, scores
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# fp32 inputs for compiled one-row products (used by Experts below, nanoseek.prepack and nanoseek.quant)
+
+# one-row products of a compiled step by 16-bit weights of at least this size read an fp32 copy of the activation
+# (`materialize`): Inductor's reduction otherwise converts the bf16 activation to fp32 again in every output row's inner
+# loop, and the conversion, not the memory, sets the pace (a 102,400 x 2048 bf16 head: 46 GB/s converting in the
+# loop, 62 GB/s reading fp32, interleaved in one process; docs/LOG.md). The copy is an opaque op whose call costs
+# ~15 us from the generated C++: below ~16 MB the product saves less than that
+WIDEN_MIN_BYTES = 16 << 20
+
+
+@torch.library.custom_op("nanoseek::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """x stored once, as fp32, by an op Inductor cannot see into. A compiled step's one-row products are Inductor
+    reductions that read their input inside every output row's loop: a pointwise producer (the RMSNorm before a
+    projection, with its embedding lookup; the SiLU before a down projection) would be recomputed for every weight
+    row (5.7x slower int8 steps, nanoseek.quant), and a 16-bit input converted to fp32 again for every row (the
+    conversion, not the memory, then sets the pace: WIDEN_MIN_BYTES). Values are those of the inline conversion.
+    Always a copy: a custom op's output must not alias its input (an fp32 x included)."""
+    return x.to(torch.float32, copy=True)
+
+
+@materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def widened(x: torch.Tensor, weight_bytes: int) -> torch.Tensor:
+    """`materialize(x)` for a 16-bit activation on a CPU feeding products that read at least WIDEN_MIN_BYTES of
+    weights, x itself otherwise (fp32 needs no conversion; other devices' kernels are not Inductor's C++ loops)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or weight_bytes < WIDEN_MIN_BYTES:
+        return x
+    return materialize(x)
+
+
 class Experts(nn.Module):
     """Fine-grained routed experts stored stacked, (E, out, in), and run as one grouped matmul per projection."""
 
@@ -767,7 +800,7 @@ class Experts(nn.Module):
             order = torch.arange(K, device=idx.device)
         e, token = flat, order // K  # (N*K,) pairs sorted by expert
         dt = x.dtype
-        # large experts' 16-bit activations are read as fp32 copies (prepack.widened: converted once, not in every
+        # large experts' 16-bit activations are read as fp32 copies (`widened`: converted once, not in every
         # output row of each product)
         nbytes = token.shape[0] * self.gate_proj[0].numel() * self.gate_proj.element_size()  # per projection
         xs = widened(x, nbytes)[token]  # (N*K, D)

@@ -33,6 +33,8 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .model import widened
+
 # products of at most this many rows are left to Inductor's reductions in a compiled step (infer._gemv_as_reductions)
 DECOMPOSE_ROWS = int(os.environ.get("NANOSEEK_DECOMPOSE_ROWS", "1"))
 # in a compiled graph the packed product is an opaque op whose call costs more than a small product: the demo's
@@ -43,12 +45,6 @@ COMPILED_MIN_BYTES = 4 << 20
 # slower up to 256 x 256, faster from 512 x 256; the demo model's batch-64 rollouts ran 12-15% slower with all its
 # weights packed: its linear layers are below 200 KB but for the 512 KB output head; docs/LOG.md)
 EAGER_MIN_BYTES = 512 << 10
-# one-row products of a compiled step by 16-bit weights of at least this size read an fp32 copy of the activation
-# (`materialize`): Inductor's reduction otherwise converts the bf16 activation to fp32 again in every output row's inner
-# loop, and the conversion, not the memory, sets the pace (a 102,400 x 2048 bf16 head: 46 GB/s converting in the
-# loop, 62 GB/s reading fp32, interleaved in one process; docs/LOG.md). The copy is an opaque op whose call costs
-# ~15 us from the generated C++: below ~16 MB the product saves less than that
-WIDEN_MIN_BYTES = 16 << 20
 PACK_ROWS = 8  # oneDNN's batch-size hint for the reorder: decode steps run 1-16 rows (docs/inference.md)
 DTYPES = (torch.float32, torch.bfloat16)
 # NANOSEEK_PREPACK=0 turns it off: the packed copies double the memory of the linear weights
@@ -114,31 +110,6 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 @packed_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("nanoseek::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """x stored once, as fp32, by an op Inductor cannot see into. A compiled step's one-row products are Inductor
-    reductions that read their input inside every output row's loop: a pointwise producer (the RMSNorm before a
-    projection, with its embedding lookup; the SiLU before a down projection) would be recomputed for every weight
-    row (5.7x slower int8 steps, nanoseek.quant), and a 16-bit input converted to fp32 again for every row (the
-    conversion, not the memory, then sets the pace: WIDEN_MIN_BYTES). Values are those of the inline conversion.
-    Always a copy: a custom op's output must not alias its input (an fp32 x included)."""
-    return x.to(torch.float32, copy=True)
-
-
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, dtype=torch.float32)
-
-
-def widened(x: torch.Tensor, weight_bytes: int) -> torch.Tensor:
-    """`materialize(x)` for a 16-bit activation on a CPU feeding products that read at least WIDEN_MIN_BYTES of
-    weights, x itself otherwise (fp32 needs no conversion; other devices' kernels are not Inductor's C++ loops)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or weight_bytes < WIDEN_MIN_BYTES:
-        return x
-    return materialize(x)
-
 
 
 def clear() -> None:

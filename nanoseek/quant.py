@@ -13,7 +13,7 @@ How each part runs:
   one-row bucket (the batch-1 decode step of infer.DecodeStep) the product is written as `(W.to(dtype) * x).sum(-1)
   * scale` so that Inductor generates one reduction kernel that converts the int8 weights as it streams them, as the
   full-precision batch-1 step does with its matrix-vector products (infer._gemv_as_reductions): 1.4x the op's speed
-  at two threads here, its input stored first, in fp32 (`prepack.materialize`; docs/inference.md).
+  at two threads here, its input stored first, in fp32 (`model.materialize`; docs/inference.md).
 - `Int8Experts`: eagerly, one `_weight_int8pack_mm` per projection of each expert that received tokens; compiled, the
   gather-reduce form of `model.Experts._gathered` over the int8 weights (the op takes one weight matrix per call,
   and gathering the chosen experts' matrices would copy them).
@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .infer import DECOMPOSE_ROWS
-from .model import Experts, Transformer
-from .prepack import materialize
+from .model import Experts, Transformer, materialize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes _weight_int8pack_mm accepts
 KEEP = ("kv_b_proj",)  # linear layers whose weight the model reads as a matrix (absorbed MLA): left as they are
@@ -64,7 +63,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling() and x2.shape[0] <= DECOMPOSE_ROWS:  # static: the bucket's rows
-            x2 = materialize(x2)  # stored once, in fp32 (prepack.materialize)
+            x2 = materialize(x2)  # stored once, in fp32 (model.materialize)
             y = ((self.weight_int8.to(x2.dtype) * x2[:, None, :]).sum(-1) * self.scales).to(x.dtype)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
@@ -95,7 +94,7 @@ class Int8Experts(nn.Module):
         e, token = flat[order], order // K
         xs, ws = x[token], w.flatten()[order, None].to(x.dtype)
         if torch.compiler.is_compiling():  # static shapes (infer.DecodeStep): fused gather-reduce kernels
-            xs = materialize(xs)  # stored once, in fp32 (prepack.materialize)
+            xs = materialize(xs)  # stored once, in fp32 (model.materialize)
 
             def proj(name: str, v: torch.Tensor) -> torch.Tensor:
                 q, s = getattr(self, f"{name}_int8"), getattr(self, f"{name}_scales")

@@ -122,15 +122,15 @@ def test_janus_bf16_image_sampling_after_a_dtype_change():
 
 
 def test_widened_bf16_products_match_the_eager_step(model, monkeypatch):
-    # one-row products by big 16-bit weights read an fp32 copy of the activation (prepack.materialize) instead of
+    # one-row products by big 16-bit weights read an fp32 copy of the activation (model.materialize) instead of
     # converting it in every output row; with the size floor at 0 every product of the tiny model takes it (its
     # linear layers and routed experts): the compiled bf16 step gives the eager bf16 step's log-probs up to bf16
     # rounding, and the op really runs
     from torch.profiler import profile
 
-    from nanoseek import prepack
+    from nanoseek import model as model_module
 
-    monkeypatch.setattr(prepack, "WIDEN_MIN_BYTES", 0)
+    monkeypatch.setattr(model_module, "WIDEN_MIN_BYTES", 0)
     m = copy.deepcopy(model).to(torch.bfloat16)
     sp = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
     fast_engine = Engine(m, max_batch=1, max_model_len=32, compile=True)
