@@ -288,6 +288,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same arithmetic as below in one kernel (identical fp32 outputs on every shape checked); forward +
+            # backward of a (32, 127, 256) call on a CPU: 3.9 vs 5.4 ms (docs/LOG.md)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # statistics in fp32 whatever the activation dtype; weight applied after casting back (as transformers)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
