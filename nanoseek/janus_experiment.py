@@ -505,23 +505,32 @@ def plot_encoding(r: dict[str, Any], png: Path) -> Path:
 
 def plot_guidance(r: dict[str, Any], png: Path) -> Path:
     """Overall and per-category accuracy against the guidance weight (95% CIs on the overall)."""
+    ws = r["weights"].values()
+    return guidance_chart([e["weight"] for e in ws], list(ws), [e["categories"] for e in ws], png,
+                          xlabel="guidance weight w (logits = uncond + w (cond - uncond))")
+
+
+def guidance_chart(weights: Sequence[float], overall: Sequence[dict[str, Any]],
+                   categories: Sequence[dict[str, dict[str, Any]]], png: Path, xlabel: str = "guidance weight",
+                   figsize: tuple[float, float] = (7, 4), dpi: int = 120) -> Path:
+    """GenEval-style accuracy against the guidance weight: the overall score with its 95% CI (`overall[i]`:
+    "pass@1", "ci") and one line per category (`categories[i][name]["pass@1"]`), one entry per weight. Shared by
+    the guidance experiment and the demo's report card."""
     plt = _plt()
-    ws = r["weights"]
-    x = [e["weight"] for e in ws.values()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    y = [100 * e["pass@1"] for e in ws.values()]
-    lo = [100 * (e["pass@1"] - e["ci"][0]) for e in ws.values()]
-    hi = [100 * (e["ci"][1] - e["pass@1"]) for e in ws.values()]
-    ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", color="black", lw=2, capsize=4, label="overall")
-    for c in next(iter(ws.values()))["categories"]:
-        ax.plot(x, [100 * e["categories"][c]["pass@1"] for e in ws.values()], "-", lw=1, alpha=0.7, label=c)
-    ax.set_xlabel("guidance weight w (logits = uncond + w (cond - uncond))")
+    fig, ax = plt.subplots(figsize=figsize)
+    y = [100 * e["pass@1"] for e in overall]
+    lo = [100 * (e["pass@1"] - e["ci"][0]) for e in overall]
+    hi = [100 * (e["ci"][1] - e["pass@1"]) for e in overall]
+    ax.errorbar(weights, y, yerr=[lo, hi], fmt="o-", color="black", lw=2, capsize=4, label="overall")
+    for c in categories[0]:
+        ax.plot(weights, [100 * cats[c]["pass@1"] for cats in categories], "-", lw=1, alpha=0.7, label=c)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("GenEval-style accuracy (%)")
-    ax.set_xticks(x)
+    ax.set_xticks(weights)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=dpi)
     plt.close(fig)
     return png
 

@@ -27,6 +27,7 @@ import torch
 from . import __version__, accounting
 from .eval import per_item
 from .files import atomic_write, atomic_write_json, read_jsonl
+from .janus_experiment import guidance_chart
 from .stats import derive_seed, paired_difference
 from .weights import config_from_hf
 
@@ -687,25 +688,6 @@ def janus_markdown(rep: dict[str, Any]) -> list[str]:
 
 
 def janus_guidance_chart(guidance: dict[str, Any], png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ws = [float(w) for w in guidance]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    y = [100 * c["overall"]["pass@1"] for c in guidance.values()]
-    err = [[100 * (c["overall"]["pass@1"] - c["overall"]["ci"][0]) for c in guidance.values()],
-           [100 * (c["overall"]["ci"][1] - c["overall"]["pass@1"]) for c in guidance.values()]]
-    ax.errorbar(ws, y, yerr=err, fmt="o-", capsize=4, color="black", label="overall")
-    for cat in next(iter(guidance.values()))["categories"]:
-        ax.plot(ws, [100 * c["categories"][cat]["pass@1"] for c in guidance.values()], lw=1, alpha=0.7, label=cat)
-    ax.set_xlabel("guidance weight")
-    ax.set_ylabel("GenEval-style accuracy (%)")
-    ax.set_xticks(ws)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    cells = guidance.values()
+    return guidance_chart([float(w) for w in guidance], [c["overall"] for c in cells],
+                          [c["categories"] for c in cells], png, figsize=(5.5, 3.4), dpi=110)
