@@ -187,7 +187,9 @@ class DecodeStep(nn.Module):
         # hundred small kernels). Held in a list: an attribute would register the wrapper as a submodule (a cycle)
         # Each (rows, span) bucket is compiled ahead of its first call (Dynamo's aot_compile, run()) into a
         # function called without Dynamo's frame evaluation or guards (none are kept: the bucket picks the function)
-        self._aot = hasattr(torch.compiler, "skip_all_guards_unsafe")
+        import torch._inductor.config as inductor_config
+
+        self._aot = hasattr(torch.compiler, "skip_all_guards_unsafe") and not inductor_config.force_disable_caches
         options: dict[str, Any] = {"cpp_wrapper": device.type == "cpu"}
         if self._aot:
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
