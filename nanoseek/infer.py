@@ -185,16 +185,19 @@ class DecodeStep(nn.Module):
             prepack(self.head)
         # cpp_wrapper: the graph's kernels are called from generated C++ rather than Python (a decode step is a few
         # hundred small kernels). Held in a list: an attribute would register the wrapper as a submodule (a cycle)
-        # Each (rows, span) bucket is compiled ahead of its first call (Dynamo's aot_compile, run()) into a
-        # function called without Dynamo's frame evaluation or guards (none are kept: the bucket picks the function)
+        # One-row buckets are compiled ahead of their first call (Dynamo's aot_compile, run()) into a function called
+        # without Dynamo's frame evaluation or guards (none kept: the bucket picks the function); other buckets are
+        # guarded calls of the same code. Ahead-of-time compiling misses the compile caches (~11 s per bucket even
+        # when warm, against ~3.6 s), so it is kept where a step is short and the ~65 us per call matters most
         import torch._inductor.config as inductor_config
 
-        self._aot = hasattr(torch.compiler, "skip_all_guards_unsafe") and not inductor_config.force_disable_caches
         options: dict[str, Any] = {"cpp_wrapper": device.type == "cpu"}
-        if self._aot:
-            options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+        aot = hasattr(torch.compiler, "skip_all_guards_unsafe") and not inductor_config.force_disable_caches
         self._graph = [torch.compile(self.forward, fullgraph=True, dynamic=False, options=options)] if compile else []
-        self._warm: dict[tuple[int, int], Any] = {}  # (rows, span) bucket -> its ahead-of-time compiled step
+        if compile and aot:
+            self._graph.append(torch.compile(self.forward, fullgraph=True, dynamic=False, options={
+                **options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}))
+        self._warm: dict[tuple[int, int], Any] = {}  # (rows, span) -> its ahead-of-time step, or False: guarded, warm
 
     def forward(self, tokens: torch.Tensor, rows: CacheRows) -> torch.Tensor:
         # RoPE positions come from the cache (its real tokens so far: left padding, Janus): inside the graph, not
@@ -211,17 +214,17 @@ class DecodeStep(nn.Module):
         span = min(cache.max_len, max(SPAN_BUCKET, 1 << (need - 1).bit_length()))
         rows = CacheRows(cache, 0, b, span=span)
         step = self._warm.get((b, span))
-        if step is None and self._aot:
+        if step is None and b == 1 and len(self._graph) > 1:
             # the bucket's shapes pick its function; the caller keeps the model's dtype and device fixed. The weights
             # stay graph inputs, read at every call. Per call this saves ~65 us (the demo model's batch-1 step,
             # 0.49 -> 0.42 ms) over a guarded call, and 0.3-0.4 ms over checking every parameter's guards
             with _compiling(b):
-                step = self._graph[0].aot_compile(((tokens, rows), {}))
+                step = self._graph[1].aot_compile(((tokens, rows), {}))
             step.disable_guard_check()
             self._warm[(b, span)] = step
         if step:
             return step(self, tokens, rows)
-        # torch without aot_compile: the first call compiles the bucket, later ones skip its guards (False: warm)
+        # a guarded call: the first one compiles the bucket, later ones skip its guards (False: warm)
         warm = step is False
         with (contextlib.nullcontext() if warm else _compiling(b)), \
                 torch.compiler.set_stance("default", skip_guard_eval_unsafe=warm):
