@@ -295,6 +295,13 @@ def same_tokens(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
 
 
+def pooled(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each engine's runs over the alternating rounds as one run, its timed repeats joined; an engine missing from
+    any round (it failed there: bandwidth's int8 rows) is left out."""
+    return {k: {**v, "times": [t for rd in rounds for t in rd[k]["times"]]} for k, v in rounds[0].items()
+            if all(k in rd for rd in rounds)}
+
+
 def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in args.configs:
@@ -318,7 +325,7 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     runs["llama.cpp"] = spawn(args.llama_python, "llama", model_dir=str(out / f"{name}-f32.gguf"),
                                               text=SAMPLE_TEXT, **common)
                 rounds.append(runs)
-            runs = {k: {**v, "times": [t for rd in rounds for t in rd[k]["times"]]} for k, v in rounds[0].items()}
+            runs = pooled(rounds)
             row: dict[str, Any] = {"batch": B, **{k: summary(v, B) for k, v in runs.items()}}
             if args.rounds > 1:  # each round's ratio of medians: how far the machine's state moves it
                 row["ratios by round"] = {k: [statistics.median(rd[k]["times"]) / statistics.median(rd["nanoseek"]
@@ -402,7 +409,7 @@ def bandwidth(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             probes.append(spawn(sys.executable, "membw", threads=args.threads)["read_GBps"])
             rd[k]["read_GBps"] = max(probes[-2:])  # the faster of the probes just before and just after
         rounds.append(rd)
-    runs = {k: {**v, "times": [t for r in rounds for t in r[k]["times"]]} for k, v in rounds[0].items()}
+    runs = pooled(rounds)
     row: dict[str, Any] = {"read_GBps": probes, "model": info, "failed": failed, "rounds": args.rounds}
     for k, r in runs.items():
         s = summary(r, 1)
